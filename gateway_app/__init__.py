@@ -1,0 +1,100 @@
+"""An API gateway: dynamic service registry, JWT checks, streaming forwarding.
+
+``create_app`` builds one gateway: configuration, then the per-process state (registry,
+token verifier, forwarder), then the blueprints and the JSON error handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, g
+
+from .auth import TokenVerifier, load_public_key
+from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
+from .errors import register_error_handlers
+from .forwarding import Forwarder
+from .registry import Registry
+from .stores import open_store
+
+__all__ = ["create_app", "GatewayState"]
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class GatewayState:
+    """The per-process objects of one gateway, kept in ``app.extensions["gateway"]``."""
+
+    settings: Settings
+    registry: Registry
+    verifier: TokenVerifier
+    forwarder: Forwarder
+
+    def close(self) -> None:
+        self.registry.close()
+        self.forwarder.close()
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    """The token verifier for ``settings``, warning once about a short HMAC secret."""
+    secret = read_or_create_secret(settings) if settings.uses_hmac else None
+    if secret is not None and len(secret) < MIN_SECRET_BYTES:
+        log.warning("the JWT secret is %d bytes; use at least %d (RFC 7518): anyone who can "
+                    "guess it can mint tokens", len(secret), MIN_SECRET_BYTES)
+        # We warned once here; PyJWT would warn again on every decode.
+        from jwt.warnings import InsecureKeyLengthWarning
+
+        warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
+    public_keys = (load_public_key(settings.jwt_public_key_file, settings.jwt_algorithms)
+                   if settings.jwt_public_key_file else None)
+    return TokenVerifier(settings, secret, public_keys)
+
+
+def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
+    """Build a gateway from ``GATEWAY_*`` environment variables, then ``overrides``."""
+    env: dict[str, Any] = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
+    env.update(overrides or {})
+    settings = load_settings(env)
+
+    app = Flask(__name__)
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.url_map.merge_slashes = False  # "/svc//x" is forwarded as sent, not redirected
+    app.url_map.strict_slashes = False
+
+    from .proxy import RestConverter, ServiceNameConverter
+
+    app.url_map.converters["service"] = ServiceNameConverter
+    app.url_map.converters["rest"] = RestConverter
+
+    state = GatewayState(
+        settings=settings,
+        registry=Registry(open_store(settings.store), settings.refresh_interval),
+        verifier=build_verifier(settings),
+        forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
+    )
+    if "gateway" in app.extensions:
+        raise RuntimeError("a gateway is already registered on this app")
+    app.extensions["gateway"] = state
+
+    from . import admin, proxy
+
+    @app.before_request
+    def assign_request_id() -> None:
+        g.request_id = proxy.request_id()
+
+    @app.after_request
+    def echo_request_id(response: Any) -> Any:
+        response.headers["X-Request-ID"] = g.request_id
+        return response
+
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(proxy.bp)
+    register_error_handlers(app)
+    return app

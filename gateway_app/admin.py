@@ -1,0 +1,201 @@
+"""The registry API blueprint: the seed's ``/register_service`` and ``/deregister_service``,
+and the REST forms under ``/_gateway/``.
+
+Every route but ``/_gateway/health`` is for operators and services only: the caller's address
+must be in ``GATEWAY_ADMIN_ALLOW``, or it must present ``GATEWAY_ADMIN_TOKEN`` as a bearer
+token. Anyone else gets 401 and nothing changes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .clients import client_address, in_networks
+from .errors import (
+    BadRequest,
+    InstanceNotFound,
+    PayloadTooLarge,
+    ServiceNotFound,
+    Unauthorized,
+)
+from .registry import Instance
+from .stores import InstanceRecord
+from .validation import (
+    NAME_RE,
+    check_metadata,
+    check_name,
+    check_ttl,
+    check_weight,
+    instance_id,
+    normalise_address,
+)
+
+#: Registry request bodies larger than this get 413.
+MAX_REGISTRY_BODY = 64 * 1024
+
+bp = Blueprint("admin", __name__)
+
+
+@bp.before_request
+def authorise() -> None:
+    if request.endpoint == "admin.health":
+        return
+    settings = current_app.extensions["gateway"].settings
+    if in_networks(client_address(request.environ, settings.trusted_proxies),
+                   settings.admin_allow):
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = settings.admin_token
+    if (expected and scheme.lower() == "bearer"
+            and hmac.compare_digest(token.strip().encode(), expected.encode())):
+        return
+    raise Unauthorized("the registry needs an allowed network or the admin token",
+                       headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'})
+
+
+# -- request bodies ------------------------------------------------------------------------
+
+
+def _read_body() -> str:
+    length = request.content_length
+    if length is not None and length > MAX_REGISTRY_BODY:
+        raise PayloadTooLarge(f"registry requests are limited to {MAX_REGISTRY_BODY} bytes")
+    data = request.stream.read(MAX_REGISTRY_BODY + 1)
+    if len(data) > MAX_REGISTRY_BODY:
+        raise PayloadTooLarge(f"registry requests are limited to {MAX_REGISTRY_BODY} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the body must be UTF-8 text") from None
+
+
+def _parse_body(text: str) -> dict[str, Any] | tuple[str, str | None]:
+    """JSON object when the body is JSON, else the seed's ``name[,address]`` as a tuple."""
+    if request.mimetype == "application/json" or text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise BadRequest("the body is not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("the JSON body must be an object")
+        return doc
+    text = text.strip()
+    if not text:
+        raise BadRequest("the body is empty: send 'name,address' or JSON")
+    name, comma, address = text.partition(",")
+    return name.strip(), (address.strip() if comma else None)
+
+
+def _instance_json(record: InstanceRecord) -> dict[str, Any]:
+    return Instance(record).to_dict(time.time())
+
+
+# -- the seed's endpoints ------------------------------------------------------------------
+
+
+@bp.post("/register_service")
+def register() -> tuple[Response, int]:
+    parsed = _parse_body(_read_body())
+    if isinstance(parsed, dict):
+        name = check_name(parsed.get("name"))
+        address = normalise_address(parsed.get("address"))
+        ttl = check_ttl(parsed.get("ttl"))
+        weight = check_weight(parsed.get("weight"))
+        metadata = check_metadata(parsed.get("metadata"))
+    else:
+        if parsed[1] is None:
+            raise BadRequest("the body must be 'name,address'")
+        name = check_name(parsed[0])
+        address = normalise_address(parsed[1])
+        ttl, weight, metadata = None, 1, {}
+    registry = current_app.extensions["gateway"].registry
+    record, created = registry.register(name, address, ttl=ttl, weight=weight, metadata=metadata)
+    return jsonify(name=name, instance=_instance_json(record)), 201 if created else 200
+
+
+@bp.post("/deregister_service")
+def deregister() -> Response:
+    parsed = _parse_body(_read_body())
+    if isinstance(parsed, dict):
+        name, address = parsed.get("name"), parsed.get("address")
+    else:
+        name, address = parsed
+    name = check_name(name)
+    registry = current_app.extensions["gateway"].registry
+    if address is None:
+        removed = registry.remove_service(name)
+        if not removed:
+            raise ServiceNotFound(f"no service named {name!r}")
+        return jsonify(name=name, removed=[_instance_json(r) for r in removed])
+    address = normalise_address(address)
+    record = registry.remove_instance(name, instance_id(address))
+    if record is None:
+        _raise_missing(name)
+    return jsonify(name=name, removed=[_instance_json(record)])
+
+
+# -- /_gateway/ ------------------------------------------------------------------------------
+
+
+@bp.get("/_gateway/health")
+def health() -> Response:
+    return jsonify(status="ok")
+
+
+@bp.get("/_gateway/services")
+def list_services() -> Response:
+    snapshot = current_app.extensions["gateway"].registry.snapshot()
+    now = time.time()
+    return jsonify(services=[snapshot.services[n].to_dict(now) for n in sorted(snapshot.services)])
+
+
+@bp.get("/_gateway/services/<name>")
+def get_service(name: str) -> Response:
+    service = current_app.extensions["gateway"].registry.snapshot().services.get(name)
+    if service is None:
+        raise ServiceNotFound(f"no service named {name!r}")
+    return jsonify(service.to_dict(time.time()))
+
+
+@bp.delete("/_gateway/services/<name>")
+def delete_service(name: str) -> Response:
+    removed = current_app.extensions["gateway"].registry.remove_service(name) \
+        if NAME_RE.match(name) else []
+    if not removed:
+        raise ServiceNotFound(f"no service named {name!r}")
+    return jsonify(name=name, instances=[_instance_json(r) for r in removed])
+
+
+def _raise_missing(name: str) -> None:
+    if name in current_app.extensions["gateway"].registry.snapshot().services:
+        raise InstanceNotFound(f"service {name!r} has no such instance")
+    raise ServiceNotFound(f"no service named {name!r}")
+
+
+def _instance_write(name: str, instance: str, action: str) -> Response:
+    registry = current_app.extensions["gateway"].registry
+    record = getattr(registry, action)(name, instance) if NAME_RE.match(name) else None
+    if record is None:
+        _raise_missing(name)
+    return jsonify(_instance_json(record))
+
+
+@bp.delete("/_gateway/services/<name>/instances/<instance>")
+def delete_instance(name: str, instance: str) -> Response:
+    return _instance_write(name, instance, "remove_instance")
+
+
+@bp.put("/_gateway/services/<name>/instances/<instance>/heartbeat")
+def heartbeat(name: str, instance: str) -> Response:
+    return _instance_write(name, instance, "heartbeat")
+
+
+@bp.put("/_gateway/services/<name>/instances/<instance>/drain")
+def drain(name: str, instance: str) -> Response:
+    return _instance_write(name, instance, "drain")

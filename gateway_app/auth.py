@@ -1,0 +1,177 @@
+"""JWT checking: :class:`TokenVerifier` and the :func:`require_jwt` view decorator.
+
+The token's own ``alg`` header is only used to pick among the algorithms the operator allowed,
+and each allowed algorithm is bound to one key of the right kind (the HMAC secret for ``HS*``,
+the PEM public key for the others), so ``alg: none`` and HS/RS confusion cannot verify.
+
+Verified tokens are cached by their exact string until their ``exp`` (plus leeway): a cache
+hit is one dict lookup and a float comparison. The cache is bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jwt
+from flask import current_app, g, request
+
+from .config import HMAC_ALGORITHMS, Settings
+from .errors import Unauthorized
+
+#: Tokens longer than this are refused unread.
+MAX_TOKEN_BYTES = 8192
+#: Verified tokens kept; the oldest go first when it is full.
+CACHE_SIZE = 10_000
+_SUBJECT_RE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]{0,254}[\x21-\x7e])?$")
+
+
+class InvalidToken(Exception):
+    """The token was present but does not verify; the message says why (never the token)."""
+
+
+def load_public_key(path: Path, algorithms: tuple[str, ...]) -> dict[str, Any]:
+    """Parse the PEM public key once per public-key algorithm in the allow-list."""
+    pem = path.read_bytes()
+    keys = {}
+    for alg in algorithms:
+        if alg not in HMAC_ALGORITHMS:
+            keys[alg] = jwt.get_algorithm_by_name(alg).prepare_key(pem)
+    return keys
+
+
+class TokenVerifier:
+    """Verifies tokens against the configured keys, algorithms and claims."""
+
+    def __init__(self, settings: Settings, secret: bytes | None,
+                 public_keys: Mapping[str, Any] | None = None) -> None:
+        self.algorithms = settings.jwt_algorithms
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+        self.leeway = settings.jwt_leeway
+        self._keys: dict[str, Any] = dict(public_keys or {})
+        for alg in self.algorithms:
+            if alg in HMAC_ALGORITHMS:
+                if secret is None:
+                    raise ValueError("an HMAC algorithm is allowed but no secret was given")
+                self._keys[alg] = secret
+        self._options: dict[str, Any] = {
+            "require": ["exp"],
+            "verify_aud": self.audience is not None,
+        }
+        self._cache: dict[str, tuple[dict[str, Any], float]] = {}
+        self._cache_lock = threading.Lock()
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, or :class:`InvalidToken`."""
+        hit = self._cache.get(token)
+        if hit is not None and time.time() < hit[1]:
+            return hit[0]
+        claims = self._decode(token)
+        self._remember(token, claims)
+        return claims
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise InvalidToken("token too long")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("malformed token") from None
+        alg = header.get("alg")
+        key = self._keys.get(alg) if isinstance(alg, str) else None
+        if key is None:
+            raise InvalidToken("token algorithm not allowed")
+        try:
+            claims = jwt.decode(
+                token, key, algorithms=[alg], options=self._options,  # type: ignore[arg-type]
+                audience=self.audience, issuer=self.issuer, leeway=self.leeway,
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc) or type(exc).__name__) from None
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise InvalidToken("exp must be a number")
+        sub = claims.get("sub")
+        if sub is not None and (not isinstance(sub, str) or not _SUBJECT_RE.match(sub)):
+            raise InvalidToken("sub must be 1 to 256 printable ASCII characters")
+        return claims
+
+    def _remember(self, token: str, claims: dict[str, Any]) -> None:
+        until = float(claims["exp"]) + self.leeway
+        with self._cache_lock:
+            cache = self._cache
+            if len(cache) >= CACHE_SIZE:
+                now = time.time()
+                expired = [t for t, (_, u) in cache.items() if u <= now]
+                for t in expired:
+                    del cache[t]
+                while len(cache) >= CACHE_SIZE:
+                    del cache[next(iter(cache))]
+            cache[token] = (claims, until)
+
+    def mint(self, private_key: Any, sub: str, ttl: float = 3600,
+             claims: Mapping[str, Any] | None = None) -> str:
+        """A token this verifier accepts, signed with its first allowed algorithm."""
+        alg = self.algorithms[0]
+        key = self._keys[alg] if alg in HMAC_ALGORITHMS else private_key
+        if key is None:
+            raise ValueError(f"{alg} needs a private key (GATEWAY_JWT_PRIVATE_KEY_FILE)")
+        now = int(time.time())
+        payload: dict[str, Any] = dict(claims or {})
+        payload.update({"sub": sub, "iat": now, "exp": now + int(ttl)})
+        if self.issuer:
+            payload["iss"] = self.issuer
+        if self.audience:
+            payload["aud"] = self.audience
+        return jwt.encode(payload, key, algorithm=alg)
+
+
+def token_from_header(value: str | None) -> str | None:
+    """The token of an ``Authorization`` header: ``Bearer <token>`` or the bare token."""
+    if not value:
+        return None
+    scheme, _, rest = value.strip().partition(" ")
+    if not rest:
+        return scheme  # the seed's client sends the token bare
+    if scheme.lower() == "bearer":
+        return rest.strip() or None
+    return value  # another scheme: verification fails, reported as an invalid token
+
+
+NO_TOKEN_CHALLENGE = 'Bearer realm="gateway"'  # noqa: S105 (not a secret)
+INVALID_TOKEN_CHALLENGE = 'Bearer realm="gateway", error="invalid_token"'  # noqa: S105
+
+
+def check_request() -> dict[str, Any]:
+    """Verify the current request's token; claims, or :class:`Unauthorized`."""
+    token = token_from_header(request.headers.get("Authorization"))
+    if token is None:
+        raise Unauthorized("a bearer token is required",
+                           headers={"WWW-Authenticate": NO_TOKEN_CHALLENGE})
+    verifier: TokenVerifier = current_app.extensions["gateway"].verifier
+    try:
+        return verifier.verify(token)
+    except InvalidToken as exc:
+        raise Unauthorized(f"invalid token: {exc}",
+                           headers={"WWW-Authenticate": INVALID_TOKEN_CHALLENGE}) from None
+
+
+def require_jwt(view: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse the request with 401 unless it carries a valid token; claims in ``g.claims``.
+
+    A service whose policy sets ``auth: none`` is public: the check is skipped for it.
+    """
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not g.get("public"):
+            g.claims = check_request()
+        return view(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,292 @@
+"""Configuration: defaults, ``GATEWAY_*`` parsing and validation.
+
+Everything is read once, by :func:`load_settings`, from a mapping (the environment, or the
+overrides a test passes to ``create_app``). A bad value raises :class:`ConfigError` whose
+message names the variable, so ``gunicorn`` refuses to start with a sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Default seconds to wait for an upstream to accept a connection.
+DEFAULT_CONNECT_TIMEOUT = 2.0
+#: Default seconds to wait for an upstream's answer (between bytes).
+DEFAULT_READ_TIMEOUT = 30.0
+#: Request bodies larger than this get 413.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Algorithms the verifier knows; each is either HMAC (a secret) or public-key (a PEM file).
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+#: HMAC secrets shorter than this get a warning at start (RFC 7518 section 3.2).
+MIN_SECRET_BYTES = 32
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$")
+_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``capacity`` tokens, refilled at ``rate`` tokens per second."""
+
+    limit: int
+    period: float
+    burst: int
+
+    @property
+    def rate(self) -> float:
+        return self.limit / self.period
+
+    @property
+    def capacity(self) -> int:
+        return self.burst
+
+
+def parse_rate_limit(text: str, name: str = "rate_limit") -> RateLimit:
+    """Parse ``N/second``, ``N/minute`` or ``N/hour``, optionally ``, burst=B``."""
+    match = _RATE_RE.match(text)
+    if not match:
+        raise ConfigError(f"{name}: expected N/second, N/minute or N/hour (optionally ', burst=B'),"
+                          f" got {text!r}")
+    limit = int(match.group(1))
+    burst = int(match.group(3)) if match.group(3) else limit
+    if limit < 1 or burst < 1:
+        raise ConfigError(f"{name}: the limit and the burst must be at least 1, got {text!r}")
+    return RateLimit(limit=limit, period=_PERIODS[match.group(2)], burst=burst)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one gateway."""
+
+    bind: str = "127.0.0.1:8080"
+    workers: int = 2
+    threads: int = 16
+    data_dir: Path = Path("var")
+    store: str = ""
+    jwt_secret: bytes | None = None
+    jwt_secret_file: Path | None = None
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_public_key_file: Path | None = None
+    jwt_private_key_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway: float = 0.0
+    admin_token: str | None = None
+    admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    upstream_ca_bundle: str | None = None
+    rate_limit: RateLimit | None = None
+    log_format: str = "text"
+    #: Seconds between two looks at the store's change counter, per worker.
+    refresh_interval: float = 0.25
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uses_hmac(self) -> bool:
+        return any(a in HMAC_ALGORITHMS for a in self.jwt_algorithms)
+
+    @property
+    def secret_path(self) -> Path:
+        """Where the HMAC secret is read from (the generated one unless a file was named)."""
+        return self.jwt_secret_file or self.data_dir / "jwt-secret"
+
+
+def _get(env: Mapping[str, object], key: str) -> str | None:
+    value = env.get(key)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(env: Mapping[str, object], key: str, default: int, low: int, high: int) -> int:
+    text = _get(env, key)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a whole number, got {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:
+    text = _get(env, key)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number of seconds, got {text!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be between {low} and {high}, got {text}")
+    return value
+
+
+def _networks(env: Mapping[str, object], key: str, default: str):
+    text = _get(env, key)
+    text = default if text is None else text
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {part!r} is not an IP address or network") from None
+    return tuple(nets)
+
+
+def _path(env: Mapping[str, object], key: str) -> Path | None:
+    text = _get(env, key)
+    return Path(text) if text else None
+
+
+def validate_store_url(url: str) -> str:
+    """Check a ``GATEWAY_STORE`` URL's form; the store itself opens it later."""
+    if url == "memory://":
+        return url
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return url
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        return url
+    raise ConfigError(
+        "GATEWAY_STORE: expected sqlite:///PATH, memory:// or redis://HOST:PORT/DB,"
+        f" got {url!r}"
+    )
+
+
+def load_settings(env: Mapping[str, object] | None = None) -> Settings:
+    """Build :class:`Settings` from ``env`` (default: ``os.environ``), validating every value."""
+    env = os.environ if env is None else env
+    bind = _get(env, "GATEWAY_BIND") or "127.0.0.1:8080"
+    if ":" not in bind and not bind.startswith("unix:"):
+        raise ConfigError(f"GATEWAY_BIND: expected HOST:PORT, got {bind!r}")
+    workers = _int(env, "GATEWAY_WORKERS", 2, 1, 64)
+    threads = _int(env, "GATEWAY_THREADS", 16, 1, 1024)
+    data_dir = Path(_get(env, "GATEWAY_DATA_DIR") or "var")
+    default_store = f"sqlite:///{data_dir / 'registry.db'}"
+    store = validate_store_url(_get(env, "GATEWAY_STORE") or default_store)
+    if store == "memory://" and workers > 1:
+        raise ConfigError(
+            "GATEWAY_STORE: memory:// keeps the registry inside one process, so with"
+            f" GATEWAY_WORKERS={workers} each worker would see a different registry;"
+            " use GATEWAY_WORKERS=1 or the default SQLite store"
+        )
+
+    algorithms = tuple(
+        a.strip() for a in (_get(env, "GATEWAY_JWT_ALGORITHMS") or "HS256").split(",") if a.strip()
+    )
+    for alg in algorithms:
+        if alg not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
+            raise ConfigError(f"GATEWAY_JWT_ALGORITHMS: unknown or refused algorithm {alg!r}")
+    if not algorithms:
+        raise ConfigError("GATEWAY_JWT_ALGORITHMS: name at least one algorithm")
+    public_key_file = _path(env, "GATEWAY_JWT_PUBLIC_KEY_FILE")
+    if any(a in PUBLIC_KEY_ALGORITHMS for a in algorithms):
+        if public_key_file is None:
+            raise ConfigError(
+                "GATEWAY_JWT_PUBLIC_KEY_FILE: required by the public-key algorithms in"
+                f" GATEWAY_JWT_ALGORITHMS ({','.join(algorithms)})"
+            )
+        if not public_key_file.is_file():
+            raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE: no such file {str(public_key_file)!r}")
+
+    secret_text = _get(env, "GATEWAY_JWT_SECRET")
+    secret_file = _path(env, "GATEWAY_JWT_SECRET_FILE")
+    if secret_text and secret_file:
+        raise ConfigError("GATEWAY_JWT_SECRET: set either it or GATEWAY_JWT_SECRET_FILE, not both")
+    if secret_file is not None and not secret_file.is_file():
+        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: no such file {str(secret_file)!r}")
+
+    log_format = (_get(env, "GATEWAY_LOG_FORMAT") or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"GATEWAY_LOG_FORMAT: expected text or json, got {log_format!r}")
+
+    rate_text = _get(env, "GATEWAY_RATE_LIMIT")
+    rate_limit = None
+    if rate_text and rate_text.lower() != "off":
+        rate_limit = parse_rate_limit(rate_text, "GATEWAY_RATE_LIMIT")
+
+    ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
+    if ca_bundle and not Path(ca_bundle).is_file():
+        raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
+
+    return Settings(
+        bind=bind,
+        workers=workers,
+        threads=threads,
+        data_dir=data_dir,
+        store=store,
+        jwt_secret=secret_text.encode() if secret_text else None,
+        jwt_secret_file=secret_file,
+        jwt_algorithms=algorithms,
+        jwt_public_key_file=public_key_file,
+        jwt_private_key_file=_path(env, "GATEWAY_JWT_PRIVATE_KEY_FILE"),
+        jwt_issuer=_get(env, "GATEWAY_JWT_ISSUER"),
+        jwt_audience=_get(env, "GATEWAY_JWT_AUDIENCE"),
+        jwt_leeway=_float(env, "GATEWAY_JWT_LEEWAY", 0.0, 0.0, 3600.0),
+        admin_token=_get(env, "GATEWAY_ADMIN_TOKEN"),
+        admin_allow=_networks(env, "GATEWAY_ADMIN_ALLOW", "127.0.0.0/8,::1"),
+        trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES", ""),
+        connect_timeout=_float(env, "GATEWAY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 0.01, 600),
+        read_timeout=_float(env, "GATEWAY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 0.01, 3600),
+        max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 0, 2**40),
+        upstream_ca_bundle=ca_bundle,
+        rate_limit=rate_limit,
+        log_format=log_format,
+        refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.25, 0.01, 1.0),
+    )
+
+
+def read_or_create_secret(settings: Settings) -> bytes:
+    """Return the HMAC secret: configured, read from its file, or generated once (mode 0600).
+
+    Creation is atomic (``O_EXCL``), so several processes racing to create it agree on one key.
+    """
+    if settings.jwt_secret is not None:
+        return settings.jwt_secret
+    path = settings.secret_path
+    if settings.jwt_secret_file is None and not path.exists():
+        # Write a temporary file, then link it into place: the link fails if another process
+        # won the race, and nobody ever reads a half-written key.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: cannot read {str(path)!r}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: {str(path)!r} is empty")
+    return secret

@@ -1,0 +1,131 @@
+"""The gateway's errors: one class per row of the status table in SPEC section 5.
+
+Each error is a werkzeug :class:`~werkzeug.exceptions.HTTPException`, so Flask's machinery
+knows its status, and carries the stable ``error`` code clients match on. App-level handlers
+(:func:`register_error_handlers`) render every error, ours and werkzeug's routing ones, as JSON
+``{"error", "message", "request_id"}``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException
+
+
+class GatewayError(HTTPException):
+    """Root of the gateway's errors."""
+
+    code = 500
+    error = "internal_error"
+    description = "The gateway failed to handle the request."
+
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(description=message or self.description)
+        self.extra_headers = headers or {}
+
+
+class BadRequest(GatewayError):
+    code, error = 400, "bad_request"
+    description = "The request is malformed."
+
+
+class Unauthorized(GatewayError):
+    code, error = 401, "unauthorized"
+    description = "A valid token is required."
+
+
+class NotFound(GatewayError):
+    code, error = 404, "not_found"
+    description = "Nothing is here."
+
+
+class ServiceNotFound(NotFound):
+    error = "service_not_found"
+    description = "No such service."
+
+
+class InstanceNotFound(NotFound):
+    error = "instance_not_found"
+    description = "No such instance."
+
+
+class MethodNotAllowed(GatewayError):
+    code, error = 405, "method_not_allowed"
+    description = "The method is not allowed here."
+
+
+class PayloadTooLarge(GatewayError):
+    code, error = 413, "payload_too_large"
+    description = "The request body is too large."
+
+
+class RateLimited(GatewayError):
+    code, error = 429, "rate_limited"
+    description = "Too many requests."
+
+
+class BadGateway(GatewayError):
+    """The upstream refused, reset, or spoke broken HTTP: the request may not have run."""
+
+    code, error = 502, "bad_gateway"
+    description = "The upstream service failed to answer."
+
+
+class NoHealthyInstance(GatewayError):
+    code, error = 503, "no_healthy_instance"
+    description = "The service has no instance that can take traffic."
+
+
+class StoreUnavailable(GatewayError):
+    """The registry's store cannot take a write right now; nothing was changed."""
+
+    code, error = 503, "store_unavailable"
+    description = "The registry store is unavailable; try again."
+
+
+class GatewayTimeout(GatewayError):
+    code, error = 504, "gateway_timeout"
+    description = "The upstream service did not answer in time."
+
+
+#: werkzeug's own errors (raised by routing) mapped onto our codes.
+_WERKZEUG_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    431: "bad_request",
+}
+
+
+def error_response(status: int, error: str, message: str,
+                   headers: dict[str, str] | None = None) -> Response:
+    """A JSON error response in the gateway's shape."""
+    request_id = g.get("request_id")
+    body = json.dumps({"error": error, "message": message, "request_id": request_id})
+    response = Response(body, status=status, mimetype="application/json")
+    if request_id:
+        response.headers["X-Request-ID"] = request_id
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _handle_http_exception(exc: HTTPException) -> Response:
+    """Render ours and werkzeug's HTTP errors alike (one handler: Flask files handlers for an
+    HTTPException subclass under its class's status code, which would miss our subclasses)."""
+    if isinstance(exc, GatewayError):
+        return error_response(exc.code or 500, exc.error, exc.description or "",
+                              exc.extra_headers)
+    code = exc.code or 500
+    error = _WERKZEUG_CODES.get(code, "internal_error" if code >= 500 else "bad_request")
+    headers = {}
+    if code == 405:
+        headers["Allow"] = ", ".join(getattr(exc, "valid_methods", None) or [])
+    return error_response(code, error, exc.description or "", headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(HTTPException, _handle_http_exception)

@@ -1,0 +1,263 @@
+"""The service registry: an immutable snapshot for readers, one writer at a time, a store below.
+
+This is the seed's ``Arc<RwLock<HashMap>>`` made to work across gunicorn's processes:
+
+* Readers (every proxied request) call :meth:`Registry.snapshot`, which returns the current
+  :class:`Snapshot` reference. A snapshot is never mutated, so reading it takes no lock.
+* Writers (the registry API) hold the write lock, commit to the store, then load the store's
+  new state and publish a fresh snapshot before they answer.
+* A watcher thread per worker process compares the store's change counter with its snapshot's
+  every ``refresh_interval`` seconds (0.25 s by default) and reloads when another process
+  wrote, so a change made through any worker reaches every worker within a second without a
+  store query on the request path. It also purges lapsed leases.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from .errors import StoreUnavailable
+from .stores import InstanceRecord, Store, StoreError, StoreState
+from .validation import instance_id
+
+log = logging.getLogger("gateway.registry")
+T = TypeVar("T")
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Instance:
+    """An instance as request threads see it: the stored record plus what forwarding needs."""
+
+    __slots__ = ("record", "service", "id", "address", "weight", "expires_at", "draining",
+                 "scheme", "host", "port", "base_path", "origin")
+
+    def __init__(self, record: InstanceRecord):
+        self.record = record
+        self.service = record.service
+        self.id = record.id
+        self.address = record.address
+        self.weight = record.weight
+        self.expires_at = record.expires_at
+        self.draining = record.draining
+        parts = urlsplit(record.address)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.base_path = parts.path
+        #: ``scheme://host[:port]``, the pool key for forwarding.
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+
+    def live(self, now: float) -> bool:
+        """May take new requests: lease valid and not draining."""
+        return not self.draining and (self.expires_at is None or self.expires_at > now)
+
+    def health(self, now: float) -> str:
+        if self.draining:
+            return "draining"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "unhealthy"
+        return "unknown"
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        r = self.record
+        return {
+            "id": r.id,
+            "address": r.address,
+            "weight": r.weight,
+            "metadata": r.metadata,
+            "ttl": r.ttl,
+            "registered_at": rfc3339(r.registered_at),
+            "expires_at": rfc3339(r.expires_at),
+            "health": self.health(now),
+        }
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    instances: tuple[Instance, ...]
+    #: Round-robin position; ``next()`` on ``itertools.count`` is atomic under the GIL.
+    _counter: itertools.count = field(default_factory=itertools.count, compare=False)
+
+    def choose(self, now: float) -> Instance | None:
+        """The next live instance in round-robin order, ``None`` when none is live."""
+        instances = self.instances
+        if len(instances) == 1:
+            only = instances[0]
+            return only if only.live(now) else None
+        live = [i for i in instances if i.live(now)]
+        if not live:
+            return None
+        return live[next(self._counter) % len(live)]
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {"name": self.name, "instances": [i.to_dict(now) for i in self.instances]}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The registry at one version. Never mutated; replaced whole."""
+
+    version: int
+    services: Mapping[str, Service]
+    policies: Mapping[str, dict[str, Any]]
+    #: The earliest lease expiry, so the watcher knows when a purge is due.
+    next_expiry: float | None
+
+    @classmethod
+    def from_state(cls, state: StoreState) -> Snapshot:
+        grouped: dict[str, list[Instance]] = {}
+        for record in sorted(state.instances, key=lambda r: (r.service, r.registered_at, r.id)):
+            grouped.setdefault(record.service, []).append(Instance(record))
+        expiries = [r.expires_at for r in state.instances if r.expires_at is not None]
+        return cls(
+            version=state.version,
+            services={name: Service(name, tuple(items)) for name, items in grouped.items()},
+            policies=state.policies,
+            next_expiry=min(expiries) if expiries else None,
+        )
+
+
+EMPTY = Snapshot(version=-1, services={}, policies={}, next_expiry=None)
+
+
+class Registry:
+    """Readers get :meth:`snapshot`; writers go through the methods below, one at a time."""
+
+    def __init__(self, store: Store, refresh_interval: float = 0.25) -> None:
+        self.store = store
+        self.refresh_interval = refresh_interval
+        self._write_lock = threading.Lock()
+        self._snapshot = EMPTY
+        self._watching = False
+        self._stop = threading.Event()
+        self._last_error_log = 0.0
+        # A forked child must start its own watcher: threads do not survive fork.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_watcher(ref))
+        self.reload()
+        self._start_watcher()
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The current snapshot. No lock, no I/O."""
+        if not self._watching:
+            self._start_watcher()
+        return self._snapshot
+
+    # -- keeping the snapshot fresh --------------------------------------------------------
+
+    def reload(self) -> Snapshot:
+        """Load the store's state and publish it as the current snapshot."""
+        with self._write_lock:
+            return self._reload_locked()
+
+    def _reload_locked(self) -> Snapshot:
+        state = self._call(self.store.load)
+        if state.version != self._snapshot.version:
+            self._snapshot = Snapshot.from_state(state)
+        return self._snapshot
+
+    def _start_watcher(self) -> None:
+        with self._write_lock:
+            if self._watching:
+                return
+            self._watching = True
+            self._stop.clear()
+            try:  # a forked child's snapshot may be old: catch up before serving from it
+                self._reload_locked()
+            except StoreUnavailable:
+                pass  # the watcher retries
+            thread = threading.Thread(target=self._watch, name="registry-watcher", daemon=True)
+            thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.refresh_interval):
+            try:
+                self.refresh()
+            except StoreUnavailable as exc:
+                now = time.monotonic()
+                if now - self._last_error_log > 30:
+                    self._last_error_log = now
+                    log.warning("registry refresh failed, serving the last snapshot: %s",
+                                exc.description)
+
+    def refresh(self) -> None:
+        """One watcher step: reload if another process wrote; purge lapsed leases when due."""
+        snap = self._snapshot
+        if self._call(self.store.version) != snap.version:
+            self.reload()
+        elif snap.next_expiry is not None and time.time() >= snap.next_expiry:
+            with self._write_lock:
+                self._call(self.store.purge_expired)
+                self._reload_locked()
+
+    def close(self) -> None:
+        """Stop the watcher and release the store."""
+        self._stop.set()
+        self._watching = False
+        self.store.close()
+
+    # -- writers ---------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except StoreError as exc:
+            raise StoreUnavailable(f"the registry store is unavailable: {exc}") from exc
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._write_lock:
+            result = self._call(fn, *args)
+            self._reload_locked()
+            return result
+
+    def register(self, name: str, address: str, ttl: float | None = None, weight: int = 1,
+                 metadata: dict[str, str] | None = None) -> tuple[InstanceRecord, bool]:
+        """Add an instance, or renew and update it. ``address`` must be normalised."""
+        record = InstanceRecord(service=name, id=instance_id(address), address=address,
+                                weight=weight, metadata=metadata or {}, ttl=ttl)
+        return self._write(self.store.register, record)
+
+    def heartbeat(self, name: str, instance: str) -> InstanceRecord | None:
+        return self._write(self.store.heartbeat, name, instance)
+
+    def remove_instance(self, name: str, instance: str) -> InstanceRecord | None:
+        return self._write(self.store.remove_instance, name, instance)
+
+    def remove_service(self, name: str) -> list[InstanceRecord]:
+        return self._write(self.store.remove_service, name)
+
+    def drain(self, name: str, instance: str) -> InstanceRecord | None:
+        return self._write(self.store.set_draining, name, instance)
+
+    def put_policy(self, name: str, policy: dict[str, Any]) -> None:
+        self._write(self.store.put_policy, name, policy)
+
+    def delete_policy(self, name: str) -> bool:
+        return self._write(self.store.delete_policy, name)
+
+
+def _forget_watcher(ref: weakref.ref[Registry]) -> None:
+    registry = ref()
+    if registry is not None:
+        registry._watching = False
+        registry._write_lock = threading.Lock()
+        registry._stop = threading.Event()

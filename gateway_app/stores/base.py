@@ -1,0 +1,100 @@
+"""The store interface: where the registry's truth lives.
+
+A store keeps instance records and service policies, and a change counter (``version``) that
+moves on every committed write, so a worker can tell cheaply whether its snapshot is stale.
+Stores own the clock for leases: ``expires_at`` is computed by the store when it commits, so
+several processes (or, with Redis, several machines) agree on when a lease lapses.
+
+Every method either commits fully or raises :class:`StoreError` having changed nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class StoreError(Exception):
+    """The store could not complete an operation; nothing was changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One registered instance as the store keeps it."""
+
+    service: str
+    id: str
+    address: str
+    weight: int = 1
+    metadata: dict[str, str] = field(default_factory=dict)
+    ttl: float | None = None
+    registered_at: float = 0.0
+    expires_at: float | None = None
+    #: Set by a drain request: no new traffic, in-flight requests finish.
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """Everything a worker needs to build a snapshot, read in one consistent go."""
+
+    version: int
+    instances: tuple[InstanceRecord, ...]
+    policies: dict[str, dict[str, Any]]
+    #: The store's clock when the state was read (seconds since the epoch).
+    now: float
+
+
+class Store(ABC):
+    """What the registry needs from a store. Implementations must be safe across threads."""
+
+    #: True when every process opening the same URL shares the data (not ``memory://``).
+    shared: bool = True
+
+    @abstractmethod
+    def version(self) -> int:
+        """The change counter; cheap, called a few times a second by each worker."""
+
+    @abstractmethod
+    def load(self) -> StoreState:
+        """All instances and policies, with the version they belong to."""
+
+    @abstractmethod
+    def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
+        """Insert or update an instance; keeps ``registered_at`` of an existing one.
+
+        The lease (``expires_at``) is set from ``record.ttl`` by the store's clock.
+        Returns the stored record and whether it was new.
+        """
+
+    @abstractmethod
+    def heartbeat(self, service: str, instance_id: str) -> InstanceRecord | None:
+        """Renew an instance's lease; ``None`` when there is no such instance."""
+
+    @abstractmethod
+    def remove_instance(self, service: str, instance_id: str) -> InstanceRecord | None:
+        """Remove one instance; ``None`` when it was not there."""
+
+    @abstractmethod
+    def remove_service(self, service: str) -> list[InstanceRecord]:
+        """Remove all instances of a service; the removed ones (empty when none)."""
+
+    @abstractmethod
+    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+        """Mark an instance as draining; ``None`` when there is no such instance."""
+
+    @abstractmethod
+    def purge_expired(self) -> int:
+        """Remove instances whose lease lapsed; how many were removed."""
+
+    @abstractmethod
+    def put_policy(self, service: str, policy: dict[str, Any]) -> None:
+        """Create or replace a service's policy."""
+
+    @abstractmethod
+    def delete_policy(self, service: str) -> bool:
+        """Remove a service's policy; whether there was one."""
+
+    def close(self) -> None:  # noqa: B027 (optional to override)
+        """Release connections; the store may be reopened by the next call."""

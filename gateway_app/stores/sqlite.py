@@ -1,0 +1,261 @@
+"""``sqlite:///PATH``: the default store, one file shared by every worker of one machine.
+
+WAL mode lets the workers read while one writes; ``synchronous=FULL`` makes a commit durable
+before the registry answers 2xx, so an acknowledged write survives ``kill -9`` and power loss.
+Each write runs in ``BEGIN IMMEDIATE`` (one writer at a time across processes, waiting up to
+the busy timeout) and bumps the ``version`` row in the same transaction.
+
+Connections are per process: one is opened lazily after ``fork`` and never inherited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .base import InstanceRecord, Store, StoreError, StoreState
+
+T = TypeVar("T")
+
+#: Milliseconds a writer waits for another process's write lock before giving up.
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    service       TEXT NOT NULL,
+    id            TEXT NOT NULL,
+    address       TEXT NOT NULL,
+    weight        INTEGER NOT NULL,
+    metadata      TEXT NOT NULL,
+    ttl           REAL,
+    registered_at REAL NOT NULL,
+    expires_at    REAL,
+    draining      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (service, id)
+);
+CREATE TABLE IF NOT EXISTS policies (
+    service TEXT PRIMARY KEY,
+    body    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+"""
+
+_COLUMNS = "service, id, address, weight, metadata, ttl, registered_at, expires_at, draining"
+
+
+def _record(row: tuple) -> InstanceRecord:
+    service, id_, address, weight, metadata, ttl, registered_at, expires_at, draining = row
+    return InstanceRecord(
+        service=service, id=id_, address=address, weight=weight,
+        metadata=json.loads(metadata), ttl=ttl, registered_at=registered_at,
+        expires_at=expires_at, draining=bool(draining),
+    )
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._conn, self._pid = conn, os.getpid()
+        return self._conn
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            try:
+                return fn(self._connection())
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that bumps the version; rolled back whole on any error."""
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
+                conn.execute("COMMIT")
+            except _NoChange:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def version(self) -> int:
+        return self._run(
+            lambda c: c.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+        )
+
+    def load(self) -> StoreState:
+        def read(conn: sqlite3.Connection) -> StoreState:
+            conn.execute("BEGIN")
+            try:
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM instances").fetchall()
+                policies = conn.execute("SELECT service, body FROM policies").fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return StoreState(
+                version=version,
+                instances=tuple(_record(r) for r in rows),
+                policies={s: json.loads(b) for s, b in policies},
+                now=time.time(),
+            )
+
+        return self._run(read)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
+        now = time.time()
+        expires_at = now + record.ttl if record.ttl is not None else None
+        with self._write() as conn:
+            old = conn.execute(
+                "SELECT registered_at, draining FROM instances WHERE service = ? AND id = ?",
+                (record.service, record.id),
+            ).fetchone()
+            registered_at, draining = old if old else (now, 0)
+            conn.execute(
+                f"INSERT OR REPLACE INTO instances ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                (record.service, record.id, record.address, record.weight,
+                 json.dumps(record.metadata, separators=(",", ":")), record.ttl,
+                 registered_at, expires_at, draining),
+            )
+        stored = InstanceRecord(
+            service=record.service, id=record.id, address=record.address, weight=record.weight,
+            metadata=record.metadata, ttl=record.ttl, registered_at=registered_at,
+            expires_at=expires_at, draining=bool(draining),
+        )
+        return stored, old is None
+
+    def _get(self, conn: sqlite3.Connection, service: str, instance_id: str):
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM instances WHERE service = ? AND id = ?",
+            (service, instance_id),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def heartbeat(self, service: str, instance_id: str) -> InstanceRecord | None:
+        found = None
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE instances SET expires_at = ? + ttl"
+                " WHERE service = ? AND id = ? AND ttl IS NOT NULL",
+                (time.time(), service, instance_id),
+            )
+            found = self._get(conn, service, instance_id)
+            if found is None or found.ttl is None:
+                raise _NoChange
+        return found
+
+    def remove_instance(self, service: str, instance_id: str) -> InstanceRecord | None:
+        found = None
+        with self._write() as conn:
+            found = self._get(conn, service, instance_id)
+            if found is None:
+                raise _NoChange
+            conn.execute("DELETE FROM instances WHERE service = ? AND id = ?",
+                         (service, instance_id))
+        return found
+
+    def remove_service(self, service: str) -> list[InstanceRecord]:
+        removed: list[InstanceRecord] = []
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM instances WHERE service = ?",
+                                (service,)).fetchall()
+            removed = [_record(r) for r in rows]
+            if not removed:
+                raise _NoChange
+            conn.execute("DELETE FROM instances WHERE service = ?", (service,))
+        return removed
+
+    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+        found = None
+        with self._write() as conn:
+            conn.execute("UPDATE instances SET draining = 1 WHERE service = ? AND id = ?",
+                         (service, instance_id))
+            found = self._get(conn, service, instance_id)
+            if found is None:
+                raise _NoChange
+        return found
+
+    def purge_expired(self) -> int:
+        count = 0
+        with self._write() as conn:
+            count = conn.execute(
+                "DELETE FROM instances WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (time.time(),),
+            ).rowcount
+            if not count:
+                raise _NoChange
+        return count
+
+    def put_policy(self, service: str, policy: dict[str, Any]) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO policies (service, body) VALUES (?, ?)",
+                         (service, json.dumps(policy, separators=(",", ":"))))
+
+    def delete_policy(self, service: str) -> bool:
+        found = False
+        with self._write() as conn:
+            found = conn.execute("DELETE FROM policies WHERE service = ?",
+                                 (service,)).rowcount > 0
+            if not found:
+                raise _NoChange
+        return found
+
+
+class _NoChange(Exception):
+    """Raised inside a write transaction that turned out to change nothing: roll back quietly,
+    leaving the version where it is so no worker reloads for nothing."""

@@ -1,0 +1,143 @@
+"""Rules for what a caller may register: service names, addresses, ttl, weight, metadata.
+
+Everything here is pure: it takes text and returns a normalised value or raises
+:class:`~gateway_app.errors.BadRequest` with a sentence saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import re
+from urllib.parse import urlsplit
+
+from .errors import BadRequest
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Paths the gateway owns; no service may take these names.
+RESERVED_NAMES = frozenset({"_gateway", "register_service", "deregister_service"})
+#: Host names that are aliases of cloud metadata endpoints.
+_METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "instance-data"})
+_HOST_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?$")
+_NUMERICISH_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?$")
+_DOT_SEGMENT_RE = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_TTL = 86400
+MAX_WEIGHT = 1000
+MAX_METADATA_BYTES = 4096
+
+
+def check_name(name: object) -> str:
+    """A valid, unreserved service name, or :class:`BadRequest`."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise BadRequest(
+            "name must be 1 to 64 characters of letters, digits, '_', '.' or '-',"
+            " starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise BadRequest(f"name {name!r} is reserved by the gateway")
+    return name
+
+
+def has_dot_segment(path: str) -> bool:
+    """True when ``path`` holds a ``.`` or ``..`` segment, plain or percent-encoded."""
+    return bool(_DOT_SEGMENT_RE.search(path))
+
+
+def _check_host(host: str) -> str:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is None:
+        if _NUMERICISH_RE.match(host):
+            # "2852039166" or "0251.0376.0251.0376" resolve to 169.254.169.254 through
+            # inet_aton; only canonical dotted quads are accepted as numbers.
+            raise BadRequest(f"address host {host!r} is not a canonical IP address")
+        if not _HOST_RE.match(host) or len(host) > 253:
+            raise BadRequest(f"address host {host!r} is not a valid host name")
+        if host.rstrip(".") in _METADATA_HOSTS:
+            raise BadRequest(f"address host {host!r} is a cloud metadata endpoint")
+        return host.rstrip(".")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_link_local:
+        raise BadRequest("link-local addresses (169.254.0.0/16, fe80::/10) are refused")
+    if ip.is_unspecified:
+        raise BadRequest("unspecified addresses (0.0.0.0, ::) are refused")
+    if ip.is_multicast:
+        raise BadRequest("multicast addresses are refused")
+    return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+
+
+def normalise_address(address: object) -> str:
+    """Validate an upstream address and return its normal form.
+
+    ``HTTP://Example.COM:80/api/`` becomes ``http://example.com/api``.
+    """
+    if not isinstance(address, str) or not address or len(address) > 2048:
+        raise BadRequest("address must be an http or https URL")
+    if any(c in address for c in "?#\\") or any(ord(c) <= 32 or ord(c) >= 127 for c in address):
+        raise BadRequest("address must have no query, fragment, spaces or control characters")
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError:
+        raise BadRequest("address has an invalid port") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise BadRequest("address must be an http or https URL")
+    if "@" in parts.netloc:
+        raise BadRequest("address must not carry user information")
+    if not parts.hostname:
+        raise BadRequest("address must name a host")
+    if port is not None and not 1 <= port <= 65535:
+        raise BadRequest("address port must be between 1 and 65535")
+    if parts.netloc.endswith(":"):
+        raise BadRequest("address has an empty port")
+    host = _check_host(parts.hostname.lower())
+    path = parts.path.rstrip("/")
+    if has_dot_segment(path):
+        raise BadRequest("address path must not contain '.' or '..' segments")
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{path}"
+
+
+def instance_id(address: str) -> str:
+    """The stable id of an instance: derived from its normalised address alone."""
+    return hashlib.sha256(address.encode()).hexdigest()[:16]
+
+
+def check_ttl(ttl: object) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+        raise BadRequest("ttl must be a number of seconds")
+    if not 1 <= ttl <= MAX_TTL:
+        raise BadRequest(f"ttl must be between 1 and {MAX_TTL} seconds")
+    return float(ttl)
+
+
+def check_weight(weight: object) -> int:
+    if weight is None:
+        return 1
+    if isinstance(weight, bool) or not isinstance(weight, int):
+        raise BadRequest("weight must be a whole number")
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise BadRequest(f"weight must be between 1 and {MAX_WEIGHT}")
+    return weight
+
+
+def check_metadata(metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise BadRequest("metadata must be an object of string keys and string values")
+    encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise BadRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
+    return dict(metadata)

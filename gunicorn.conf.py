@@ -1,0 +1,52 @@
+"""gunicorn settings for the gateway, from GATEWAY_* environment variables.
+
+Run with ``gunicorn -c gunicorn.conf.py wsgi:app``. Settings are validated here, in the
+master, before any worker forks, so a bad value stops the start with a message naming it.
+"""
+
+import sys
+
+from gateway_app.config import ConfigError, load_settings, read_or_create_secret
+
+try:
+    _settings = load_settings()
+except ConfigError as exc:
+    sys.stderr.write(f"gateway: configuration error: {exc}\n")
+    sys.exit(2)
+
+# -- server ----------------------------------------------------------------------------------
+bind = _settings.bind
+worker_class = "gthread"
+workers = _settings.workers
+threads = _settings.threads
+# A client's idle keep-alive connection is held this long between requests.
+keepalive = 5
+# Seconds a worker may be silent before the master restarts it; gthread workers heartbeat
+# from their main loop, so long streamed responses do not trip it.
+timeout = 60
+graceful_timeout = 30
+# gunicorn's control socket is one per user by default: several gateways would fight over it.
+control_socket_disable = True
+# Bounds on the request line and headers (gunicorn's defaults, stated).
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# -- logging -----------------------------------------------------------------------------------
+# The gateway writes its own access log line per request; gunicorn's would double it.
+accesslog = None
+errorlog = "-"
+loglevel = "info"
+
+
+# -- hooks -------------------------------------------------------------------------------------
+def on_starting(server):
+    """Create what all workers share once, before they fork: the generated JWT secret."""
+    if _settings.uses_hmac:
+        try:
+            read_or_create_secret(_settings)
+        except ConfigError as exc:
+            server.log.error("configuration error: %s", exc)
+            sys.exit(2)
+    server.log.info("gateway: store %s, %d workers x %d threads", _settings.store,
+                    _settings.workers, _settings.threads)
