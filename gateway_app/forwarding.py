@@ -1,13 +1,14 @@
 """Forwarding: one pooled ``requests.Session`` per worker, header filtering, streaming.
 
-The Session and its :class:`~requests.adapters.HTTPAdapter` own the connection pools (sized to
-the worker's thread count) and the TLS settings. Each call speaks through the adapter's urllib3
-pool directly rather than through ``Session.request``: requests would re-quote the URL (the
-spec wants the client's path and query byte for byte), run its cookie jar, hooks and settings
-merge on every call, and read ``trust_env``. Nothing is mutated on the shared Session per
-request, and its cookie policy accepts no cookie, so one client's cookies never reach another.
+The Session's :class:`~requests.adapters.HTTPAdapter` owns the connection pools (sized to the
+worker's thread count) and sends every request. The request is prepared by hand, not by
+``Session.request``: requests would re-quote the URL (the spec wants the client's path and
+query byte for byte), merge settings, run hooks and read ``trust_env`` on every call. The
+adapter builds a lean response that never parses cookies, and the Session's own cookie policy
+accepts none, so one client's cookies never reach another. Nothing on the shared Session is
+mutated per request.
 
-This is the only module that catches the HTTP client's exceptions; it turns them into
+This is the only module that catches requests' exceptions; it turns them into
 :class:`~gateway_app.errors.GatewayError` subclasses (502 or 504).
 """
 
@@ -20,15 +21,8 @@ from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 
 import requests
-import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    MaxRetryError,
-    NewConnectionError,
-    ReadTimeoutError,
-)
+from urllib3.exceptions import HTTPError, NewConnectionError
 
 from .errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
 
@@ -56,17 +50,38 @@ def connection_tokens(value: str | None) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
 
 
+class UpstreamRequest(requests.PreparedRequest):
+    """A request prepared by hand; ``target`` is the path and query exactly as sent."""
+
+    def __init__(self, method: str, origin: str, target: str, headers: dict[str, str],
+                 body: Any) -> None:
+        super().__init__()
+        self.method = method
+        self.url = origin + target
+        self.target = target
+        self.headers = headers  # type: ignore[assignment]
+        self.body = body
+
+
 class _Adapter(HTTPAdapter):
-    """An adapter whose pools verify https upstreams with our own TLS context."""
+    """Sends :class:`UpstreamRequest` untouched and builds responses without cookie parsing."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._ssl_context = ssl_context
-        super().__init__(**kwargs)
+    def request_url(self, request: Any, proxies: Any) -> str:
+        return request.target
 
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False,
-                         **pool_kwargs: Any) -> None:
-        pool_kwargs["ssl_context"] = self._ssl_context
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+    def add_headers(self, request: Any, **kwargs: Any) -> None:
+        pass
+
+    def build_response(self, req: Any, resp: Any) -> requests.Response:
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 class BodyReader:
@@ -103,42 +118,34 @@ class Forwarder:
     """Sends requests to upstream instances over per-process pooled connections."""
 
     def __init__(self, pool_size: int, ca_bundle: str | None = None) -> None:
-        context = ssl.create_default_context(cafile=ca_bundle)
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        adapter = _Adapter(context, pool_connections=64, pool_maxsize=pool_size,
-                           max_retries=0, pool_block=False)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self._pools = adapter.poolmanager
+        self.adapter = _Adapter(pool_connections=64, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", self.adapter)
+        self.session.mount("https://", self.adapter)
+        #: https upstreams are verified against this CA bundle: the configured one, else the
+        #: system's (requests alone would use certifi's).
+        self.verify: str | bool = ca_bundle or ssl.get_default_verify_paths().cafile or True
 
     def close(self) -> None:
         self.session.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
-             body: BodyReader | None, chunked: bool, connect_timeout: float,
-             read_timeout: float) -> urllib3.BaseHTTPResponse:
-        """Send one request; the response is returned unread (its body is streamed later)."""
-        pool = self._pools.connection_from_host(instance.host, instance.port, instance.scheme)
+             body: BodyReader | None, connect_timeout: float,
+             read_timeout: float) -> requests.Response:
+        """Send one request; the response's body is left unread, to be streamed."""
+        request = UpstreamRequest(method, instance.origin, target, headers, body)
         try:
-            return pool.urlopen(
-                method, target, body=body, headers=headers, chunked=chunked,
-                redirect=False, assert_same_host=False, retries=False,
-                preload_content=False, decode_content=False, release_conn=False,
-                timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            )
-        except (ConnectTimeoutError, ReadTimeoutError) as exc:
+            return self.adapter.send(request, stream=True, verify=self.verify, proxies={},
+                                     timeout=(connect_timeout, read_timeout))
+        except requests.Timeout as exc:
             if body is not None:
                 _raise_for_body(body)
             raise GatewayTimeout(_describe(exc, instance)) from None
-        except NewConnectionError as exc:
-            raise BadGateway(_describe(exc, instance)) from None
-        except (HTTPError, OSError) as exc:
+        except requests.RequestException as exc:
             if body is not None:
                 _raise_for_body(body)
-            if isinstance(exc, MaxRetryError) and isinstance(exc.reason, ConnectTimeoutError):
-                raise GatewayTimeout(_describe(exc, instance)) from None
             raise BadGateway(_describe(exc, instance)) from None
 
 
@@ -150,31 +157,38 @@ def _raise_for_body(body: BodyReader) -> None:
 
 
 def _describe(exc: Exception, instance: Any) -> str:
-    kind = {
-        ConnectTimeoutError: "did not accept the connection in time",
-        ReadTimeoutError: "did not answer in time",
-        NewConnectionError: "refused the connection",
-    }.get(type(exc), "failed before answering")
-    log.warning("upstream %s of %s %s: %s", instance.origin, instance.service, kind,
+    if isinstance(exc, requests.ConnectTimeout):
+        kind = "did not accept the connection in time"
+    elif isinstance(exc, requests.Timeout):
+        kind = "did not answer in time"
+    elif isinstance(exc, requests.exceptions.SSLError):
+        kind = "failed TLS verification"
+    elif isinstance(getattr(exc.args[0] if exc.args else None, "reason", None),
+                    NewConnectionError):
+        kind = "refused the connection"
+    else:
+        kind = "failed before answering"
+    log.warning("upstream %s of service %s %s: %s", instance.origin, instance.service, kind,
                 type(exc).__name__)
     return f"upstream {instance.service} instance {instance.id} {kind}"
 
 
-def stream_body(upstream: urllib3.BaseHTTPResponse, description: str) -> Iterator[bytes]:
+def stream_body(upstream: requests.Response, description: str) -> Iterator[bytes]:
     """Yield the upstream's body as it arrives, untouched (no decompression).
 
     A failure mid-body is logged and raised, so the server cuts the connection and the client
     sees an incomplete body, never a spliced error text.
     """
     try:
-        yield from upstream.stream(CHUNK_SIZE, decode_content=False)
+        yield from upstream.raw.stream(CHUNK_SIZE, decode_content=False)
     except (HTTPError, OSError) as exc:
         log.warning("upstream %s failed mid-body: %s", description, type(exc).__name__)
         raise UpstreamAborted(description) from None
 
 
-def release(upstream: urllib3.BaseHTTPResponse) -> None:
+def release(upstream: requests.Response) -> None:
     """Return the connection to the pool, or close it if the body was not read to the end."""
-    if not upstream.isclosed():
-        upstream.close()
-    upstream.release_conn()
+    raw = upstream.raw
+    if not raw.isclosed():
+        raw.close()
+    raw.release_conn()

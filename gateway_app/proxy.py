@@ -118,7 +118,7 @@ def proxy(name: str, rest: str | None = None) -> Response:
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
 
-    body, chunked, length = _request_body(environ, settings.max_body_bytes)
+    body, length = _request_body(environ, settings.max_body_bytes)
     instance = service.choose(time.time())
     if instance is None:
         raise NoHealthyInstance(f"service {name!r} has no instance that can take traffic")
@@ -130,13 +130,13 @@ def proxy(name: str, rest: str | None = None) -> Response:
         headers["Content-Length"] = length
 
     upstream = gw.forwarder.send(
-        instance, request.method, target, headers, body, chunked,
+        instance, request.method, target, headers, body,
         settings.connect_timeout, settings.read_timeout,
     )
     g.instance = instance
     response = PassthroughResponse(
         stream_body(upstream, f"{instance.origin} ({name})"),
-        status=upstream.status,
+        status=upstream.status_code,
         headers=_response_headers(upstream.headers),
         direct_passthrough=True,
     )
@@ -144,9 +144,9 @@ def proxy(name: str, rest: str | None = None) -> Response:
     return response
 
 
-def _request_body(environ: dict[str, Any],
-                  limit: int) -> tuple[BodyReader | None, bool, str | None]:
-    """The body to send up: (reader, chunked, Content-Length); 413 when declared too large."""
+def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | None, str | None]:
+    """The body to send up and its Content-Length (chunked when ``None`` with a body);
+    413 when declared too large."""
     length = environ.get("CONTENT_LENGTH")
     if length:
         if not length.isdigit():
@@ -154,11 +154,11 @@ def _request_body(environ: dict[str, Any],
         if int(length) > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
         if int(length) == 0:
-            return None, False, "0"
-        return BodyReader(environ["wsgi.input"], limit), False, str(int(length))
+            return None, "0"
+        return BodyReader(environ["wsgi.input"], limit), str(int(length))
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return BodyReader(environ["wsgi.input"], limit), True, None
-    return None, False, None
+        return BodyReader(environ["wsgi.input"], limit), None
+    return None, None
 
 
 def _upstream_headers(environ: dict[str, Any], instance: Any, name: str,

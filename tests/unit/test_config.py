@@ -1,0 +1,59 @@
+"""Configuration is validated at start, with errors naming the variable (SPEC section 3)."""
+
+import stat
+
+import pytest
+
+from gateway_app.config import ConfigError, load_settings, parse_rate_limit, read_or_create_secret
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"GATEWAY_WORKERS": "zero"}, "GATEWAY_WORKERS"),
+    ({"GATEWAY_THREADS": "0"}, "GATEWAY_THREADS"),
+    ({"GATEWAY_STORE": "postgres://x"}, "GATEWAY_STORE"),
+    ({"GATEWAY_STORE": "memory://", "GATEWAY_WORKERS": "2"}, "GATEWAY_STORE"),
+    ({"GATEWAY_JWT_ALGORITHMS": "none"}, "GATEWAY_JWT_ALGORITHMS"),
+    ({"GATEWAY_JWT_ALGORITHMS": "RS256"}, "GATEWAY_JWT_PUBLIC_KEY_FILE"),
+    ({"GATEWAY_ADMIN_ALLOW": "10.0.0.0/8,bogus"}, "GATEWAY_ADMIN_ALLOW"),
+    ({"GATEWAY_CONNECT_TIMEOUT": "-1"}, "GATEWAY_CONNECT_TIMEOUT"),
+    ({"GATEWAY_READ_TIMEOUT": "soon"}, "GATEWAY_READ_TIMEOUT"),
+    ({"GATEWAY_LOG_FORMAT": "xml"}, "GATEWAY_LOG_FORMAT"),
+    ({"GATEWAY_RATE_LIMIT": "lots"}, "GATEWAY_RATE_LIMIT"),
+    ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
+    ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
+])
+def test_bad_values_name_their_variable(env, variable):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env)
+
+
+def test_memory_store_with_many_workers_says_why():
+    with pytest.raises(ConfigError, match="each worker would see a different registry"):
+        load_settings({"GATEWAY_STORE": "memory://", "GATEWAY_WORKERS": "4"})
+
+
+def test_defaults():
+    settings = load_settings({})
+    assert settings.bind == "127.0.0.1:8080"
+    assert (settings.workers, settings.threads) == (2, 16)
+    assert settings.store == "sqlite:///var/registry.db"
+    assert settings.jwt_algorithms == ("HS256",)
+    assert (settings.connect_timeout, settings.read_timeout) == (2.0, 30.0)
+    assert settings.max_body_bytes == 10 * 1024 * 1024
+    assert settings.rate_limit is None
+
+
+def test_rate_limit_forms():
+    limit = parse_rate_limit("100/second")
+    assert (limit.limit, limit.period, limit.burst) == (100, 1.0, 100)
+    limit = parse_rate_limit("600/minute, burst=50")
+    assert (limit.rate, limit.capacity) == (10.0, 50)
+
+
+def test_generated_secret_is_created_once_with_mode_0600(tmp_path):
+    settings = load_settings({"GATEWAY_DATA_DIR": str(tmp_path)})
+    first = read_or_create_secret(settings)
+    assert len(first) >= 32
+    assert read_or_create_secret(settings) == first
+    mode = (tmp_path / "jwt-secret").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
