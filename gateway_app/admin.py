@@ -150,14 +150,14 @@ def health() -> Response:
 
 @bp.get("/_gateway/services")
 def list_services() -> Response:
-    snapshot = current_app.extensions["gateway"].registry.snapshot()
+    snapshot = current_app.extensions["gateway"].registry.current()
     now = time.time()
     return jsonify(services=[snapshot.services[n].to_dict(now) for n in sorted(snapshot.services)])
 
 
 @bp.get("/_gateway/services/<name>")
 def get_service(name: str) -> Response:
-    service = current_app.extensions["gateway"].registry.snapshot().services.get(name)
+    service = current_app.extensions["gateway"].registry.current().services.get(name)
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
     return jsonify(service.to_dict(time.time()))
@@ -173,7 +173,7 @@ def delete_service(name: str) -> Response:
 
 
 def _raise_missing(name: str) -> None:
-    if name in current_app.extensions["gateway"].registry.snapshot().services:
+    if name in current_app.extensions["gateway"].registry.current().services:
         raise InstanceNotFound(f"service {name!r} has no such instance")
     raise ServiceNotFound(f"no service named {name!r}")
 

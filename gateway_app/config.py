@@ -94,7 +94,7 @@ class Settings:
     rate_limit: RateLimit | None = None
     log_format: str = "text"
     #: Seconds between two looks at the store's change counter, per worker.
-    refresh_interval: float = 0.25
+    refresh_interval: float = 0.1
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -254,7 +254,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         upstream_ca_bundle=ca_bundle,
         rate_limit=rate_limit,
         log_format=log_format,
-        refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.25, 0.01, 1.0),
+        refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
     )
 
 

@@ -14,6 +14,7 @@ This is the only module that catches requests' exceptions; it turns them into
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import ssl
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import IO, Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError
 
 from .errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
@@ -63,8 +65,35 @@ class UpstreamRequest(requests.PreparedRequest):
         self.body = body
 
 
+#: The request target of the call in progress on this thread, sent exactly as the client
+#: wrote it. urllib3 normalises every target it is given (``%2f`` becomes ``%2F``), so the
+#: pools below put the verbatim one back just before the request line is written.
+_verbatim_target: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "verbatim_target", default=None)
+
+
+class _VerbatimHTTPPool(HTTPConnectionPool):
+    def _make_request(self, conn: Any, method: str, url: str, *args: Any,
+                      **kwargs: Any) -> Any:
+        return super()._make_request(conn, method, _verbatim_target.get() or url, *args,
+                                     **kwargs)
+
+
+class _VerbatimHTTPSPool(HTTPSConnectionPool):
+    def _make_request(self, conn: Any, method: str, url: str, *args: Any,
+                      **kwargs: Any) -> Any:
+        return super()._make_request(conn, method, _verbatim_target.get() or url, *args,
+                                     **kwargs)
+
+
 class _Adapter(HTTPAdapter):
     """Sends :class:`UpstreamRequest` untouched and builds responses without cookie parsing."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _VerbatimHTTPPool, "https": _VerbatimHTTPSPool,
+        }
 
     def request_url(self, request: Any, proxies: Any) -> str:
         return request.target
@@ -136,6 +165,7 @@ class Forwarder:
              read_timeout: float) -> requests.Response:
         """Send one request; the response's body is left unread, to be streamed."""
         request = UpstreamRequest(method, instance.origin, target, headers, body)
+        verbatim = _verbatim_target.set(target)
         try:
             return self.adapter.send(request, stream=True, verify=self.verify, proxies={},
                                      timeout=(connect_timeout, read_timeout))
@@ -147,6 +177,8 @@ class Forwarder:
             if body is not None:
                 _raise_for_body(body)
             raise BadGateway(_describe(exc, instance)) from None
+        finally:
+            _verbatim_target.reset(verbatim)
 
 
 def _raise_for_body(body: BodyReader) -> None:

@@ -1,0 +1,304 @@
+"""Real processes and sockets for integration tests: gunicorn gateways and loopback upstreams."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; that value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Gateway:
+    """A real gateway: ``gunicorn -c gunicorn.conf.py wsgi:app`` in its own process group."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, **env: object) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "GATEWAY_BIND": f"127.0.0.1:{self.port}",
+            "GATEWAY_DATA_DIR": str(data_dir),
+            "GATEWAY_WORKERS": "2",
+            "GATEWAY_THREADS": "8",
+        }
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir / f"gunicorn-{self.port}.log"
+
+    def start(self, wait: bool = True) -> Gateway:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env.update(self.env)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return requests.get(self.url + "/_gateway/health", timeout=1).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
+        # Every worker must have booted, not just the first one to answer.
+        wait_for(lambda: len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"]),
+                 timeout, 0.05, "all workers")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def stop(self, graceful: bool = False) -> None:
+        """SIGTERM (graceful: in-flight requests finish) or SIGQUIT (quick) the gateway."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._close_log()
+
+    def kill9(self) -> None:
+        """``kill -9`` the master and every worker at once: no cleanup code runs."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log and not log.closed:
+            log.close()
+
+    def register(self, name: str, address: str, **fields) -> requests.Response:
+        if fields:
+            return requests.post(self.url + "/register_service",
+                                 json={"name": name, "address": address, **fields}, timeout=5)
+        return requests.post(self.url + "/register_service", data=f"{name},{address}", timeout=5)
+
+    def services(self) -> dict:
+        return requests.get(self.url + "/_gateway/services", timeout=5).json()
+
+    def fresh_get(self, path: str, headers: dict | None = None,
+                  timeout: float = 10) -> requests.Response:
+        """A GET on a new connection, so successive calls can land on different workers."""
+        return requests.get(self.url + path, headers={"Connection": "close", **(headers or {})},
+                            timeout=timeout)
+
+
+    def wait_routable(self, path: str, headers: dict, status: int = 200,
+                      timeout: float = 1.0) -> None:
+        """Wait (at most the spec's 1 s) until ``path`` answers ``status`` on every worker."""
+        tries = 4 * int(self.env["GATEWAY_WORKERS"])
+        wait_for(lambda: all(self.fresh_get(path, headers).status_code == status
+                             for _ in range(tries)),
+                 timeout, what=f"{path} to answer {status} on every worker")
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """An upstream that answers by path and remembers what it received."""
+
+    protocol_version = "HTTP/1.1"
+    server: UpstreamServer
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            data = b""
+            while True:
+                line = self.rfile.readline().split(b";")[0].strip()
+                if not line:  # the sender gave up mid-body
+                    return data
+                size = int(line, 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return data
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]] = ()) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def handle_one(self) -> None:
+        body = self._body()
+        # The target as it came on the wire (http.server collapses a leading "//" in .path).
+        self.path = self.requestline.split(" ")[1]
+        self.server.seen.append({"method": self.command, "path": self.path,
+                                 "headers": dict(self.headers.items()), "body": body})
+        parts = self.path.split("?")[0].strip("/").split("/")
+        route = parts[0]
+        if route == "big":  # /big/N streams N bytes
+            size = int(parts[1])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = b"x" * 65536
+            while size > 0:
+                self.wfile.write(block[:size])
+                size -= 65536
+        elif route == "slow":  # /slow/SECONDS: a slow upstream, the behaviour under test
+            time.sleep(float(parts[1]))
+            self._send(200, b"slow")
+        elif route == "status":
+            self._send(int(parts[1]), b"status body")
+        elif route == "cookie":
+            self._send(200, b"cookie", [("Set-Cookie", "session=s3cret; Path=/"),
+                                        ("Set-Cookie", "theme=dark; Path=/")])
+        elif route == "redirect":
+            self._send(302, b"see elsewhere", [("Location", "/elsewhere")])
+        elif route == "truncate":  # promises 100000 bytes, sends 10, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            self.close_connection = True
+        else:
+            echo = {"method": self.command, "path": self.path, "headers": dict(self.headers),
+                    "body_length": len(body), "port": self.server.server_address[1]}
+            self._send(200, json.dumps(echo).encode(), [("Content-Type", "application/json")])
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
+
+
+class UpstreamServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Recorder)
+        self.seen: list[dict] = []
+        self.port = self.server_address[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> UpstreamServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class RawServer:
+    """A TCP server that misbehaves: ``reset`` the connection, or answer ``garbage``."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                if self.mode == "garbage":
+                    conn.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+                else:  # RST instead of FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+
+    def __enter__(self) -> RawServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
+class RawResponse:
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def getheader(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def raw_request(port: int, request_line: str, headers: dict[str, str] | None = None,
+                body: bytes = b"") -> RawResponse:
+    """Send a request line exactly as given (no client-side normalisation); read it whole."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        method, target = request_line.split(" ", 1)
+        conn.putrequest(method, target, skip_host="Host" in (headers or {}),
+                        skip_accept_encoding=True)
+        for key, value in (headers or {}).items():
+            conn.putheader(key, value)
+        if body:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        response = conn.getresponse()
+        return RawResponse(response.status, response.headers, response.read())
+    finally:
+        conn.close()
