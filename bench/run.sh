@@ -75,6 +75,11 @@ cleanup() {
     wait "$WRK_PID" 2>/dev/null || true
   fi
   for pid in "${PIDS[@]}"; do stop "$pid"; done
+  # Keep the server logs of the last run next to its results (bench/out/ is ignored by git).
+  if [ -d "$ROOT/bench/out" ]; then
+    rm -rf "$ROOT/bench/out/logs" && mkdir -p "$ROOT/bench/out/logs"
+    cp "$TMP"/*.log "$TMP"/nginx/logs/*.log "$ROOT/bench/out/logs/" 2>/dev/null || true
+  fi
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -102,7 +107,7 @@ show_log() { say "--- last lines of $1 ---"; tail -n 30 "$1" >&2 || true; }
 wait_http() {  # wait_http <pid> <log> <url> <expect-substring>: poll up to 15 s
   local pid=$1 log=$2 url=$3 expect=$4 i out
   for ((i = 0; i < 75; i++)); do
-    if ! alive "$pid"; then show_log "$log"; return 1; fi
+    if ! alive "$pid"; then show_log "$log"; say "(the process exited)"; return 1; fi
     if out=$(curl -sf --max-time 1 "$url" 2>/dev/null) && [[ $out == *"$expect"* ]]; then
       return 0
     fi
@@ -198,6 +203,7 @@ JWT_SECRET=$("$BIN/python" -c 'import secrets, string
 a = string.ascii_letters + string.digits
 print("".join(secrets.choice(a) for _ in range(48)))')
 export GATEWAY_WORKERS="$WORKERS" GATEWAY_THREADS="$THREADS" GATEWAY_JWT_SECRET="$JWT_SECRET"
+unset GATEWAY_JWT_SECRET_FILE  # the gateway refuses both; the bench mints with its own secret
 STORE_DESC=${GATEWAY_STORE:-"default (SQLite in a temp data dir)"}
 
 GW_LOG="$TMP/gateway.log"
@@ -205,12 +211,12 @@ spawn "$GW_LOG" env GATEWAY_BIND="127.0.0.1:$GW_PORT" GATEWAY_DATA_DIR="$GW_DATA
   "$BIN/gunicorn" -c gunicorn.conf.py --control-socket "$TMP/gateway.ctl" wsgi:app
 GW_PID=$LAST_PID
 wait_http "$GW_PID" "$GW_LOG" "http://127.0.0.1:$GW_PORT/_gateway/health" '"ok"' \
-  || die "gateway did not answer GET /_gateway/health with 200 within 15 s"
+  || die "gateway did not answer GET /_gateway/health with 200 (waited up to 15 s)"
 # The store the gateway says it opened (gunicorn.conf.py logs it), credentials masked.
 if logged=$(grep -o 'gateway: store [^ ,]*' "$GW_LOG" | head -n 1) && [ -n "$logged" ]; then
   STORE_DESC=${logged#gateway: store }
 fi
-STORE_DESC=$(sed -E 's#//[^/@]*@#//***@#' <<<"$STORE_DESC")
+STORE_DESC=$(sed -E 's#//[^/@]*@#//***@#' <<<"${STORE_DESC//"$TMP"/<tmp>}")
 
 code=$(curl -s -o "$TMP/register.out" -w '%{http_code}' --max-time 5 -X POST \
   --data "bench,http://127.0.0.1:$NGINX_PORT" "http://127.0.0.1:$GW_PORT/register_service") || true

@@ -11,6 +11,10 @@ GATEWAY_PORT=8080
 HELLO_PORT=9090
 GATEWAY=http://127.0.0.1:$GATEWAY_PORT
 WAIT_S=15
+# Each gateway worker refreshes its registry snapshot every 0.25 s, so a change can be visible
+# through one worker before another: registry changes must be seen this many polls running
+# (0.2 s apart) before the next step relies on them.
+STEADY_POLLS=6
 
 # The seed's secret and issuer. The secret is short: the gateway warns about it at start.
 export GATEWAY_JWT_SECRET=secret_key
@@ -84,11 +88,17 @@ http_code() {  # print the HTTP status of GET URL (000 if nothing answered)
   curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true
 }
 
-wait_for() {  # wait_for URL STATUS PID WHAT: poll until URL answers STATUS, PID must stay up
-  local url=$1 want=$2 pid=$3 what=$4 deadline=$((SECONDS + WAIT_S)) code
-  while true; do
+wait_for() {  # wait_for URL STATUS PID WHAT [TIMES]: until URL answers STATUS TIMES running
+  local url=$1 want=$2 pid=$3 what=$4 times=${5:-1} seen=0 code
+  local deadline=$((SECONDS + WAIT_S))
+  while true; do  # PID must stay up meanwhile
     code=$(http_code "$url")
-    [[ $code == "$want" ]] && return 0
+    if [[ $code == "$want" ]]; then
+      seen=$((seen + 1))
+      ((seen < times)) || return 0
+    else
+      seen=0
+    fi
     kill -0 "$pid" 2>/dev/null || fail "$what: process exited before $url answered $want"
     ((SECONDS < deadline)) || fail "$what: $url answered $code, not $want, within ${WAIT_S}s"
     sleep 0.2
@@ -96,7 +106,7 @@ wait_for() {  # wait_for URL STATUS PID WHAT: poll until URL answers STATUS, PID
 }
 
 step "Check prerequisites and that ports $GATEWAY_PORT and $HELLO_PORT are free"
-[[ -x .venv/bin/gunicorn && -x $PY ]] || fail "no .venv with gunicorn; run 'make run' once"
+[[ -x .venv/bin/gunicorn && -x $PY ]] || fail "no .venv with gunicorn; run this as 'make demo', which installs it"
 [[ -f wsgi.py && -f gunicorn.conf.py ]] || fail "wsgi.py or gunicorn.conf.py missing"
 for port in "$GATEWAY_PORT" "$HELLO_PORT"; do
   port_free "$port" || fail "port $port on 127.0.0.1 is already in use; stop whatever holds it"
@@ -104,8 +114,10 @@ done
 echo "ok"
 
 step "Start the gateway on 127.0.0.1:$GATEWAY_PORT (data dir $DATA_DIR)"
+# --no-control-socket: gunicorn's default control socket (~/.gunicorn/gunicorn.ctl) is one path
+# for every gunicorn of the user; a demo must not take it over from (or hand it to) another.
 GATEWAY_BIND=127.0.0.1:$GATEWAY_PORT GATEWAY_DATA_DIR=$DATA_DIR \
-  .venv/bin/gunicorn -c gunicorn.conf.py wsgi:app >"$WORK/gateway.log" 2>&1 &
+  .venv/bin/gunicorn -c gunicorn.conf.py --no-control-socket wsgi:app >"$WORK/gateway.log" 2>&1 &
 gateway_pid=$!
 wait_for "$GATEWAY/_gateway/health" 200 "$gateway_pid" "gateway"
 echo "GET /_gateway/health: $(curl -s "$GATEWAY/_gateway/health")"
@@ -113,7 +125,8 @@ echo "GET /_gateway/health: $(curl -s "$GATEWAY/_gateway/health")"
 step "Start hello_service on 127.0.0.1:$HELLO_PORT; it registers itself with the gateway"
 "$PY" examples/hello_service.py --port "$HELLO_PORT" >"$WORK/hello_service.log" 2>&1 &
 hello_pid=$!
-wait_for "$GATEWAY/_gateway/services/hello_service" 200 "$hello_pid" "hello_service"
+wait_for "$GATEWAY/_gateway/services/hello_service" 200 "$hello_pid" "hello_service" \
+  "$STEADY_POLLS"
 hello_news
 echo "GET /_gateway/services/hello_service: $(curl -s "$GATEWAY/_gateway/services/hello_service")"
 
@@ -130,6 +143,9 @@ step "Stop hello_service (SIGTERM): it deregisters itself"
 stop "$hello_pid" || fail "hello_service exited with status $?"
 hello_pid=""
 hello_news
+wait_for "$GATEWAY/_gateway/services/hello_service" 404 "$gateway_pid" "deregistration" \
+  "$STEADY_POLLS"
+echo "GET /_gateway/services/hello_service: $(curl -s "$GATEWAY/_gateway/services/hello_service")"
 
 step "Call /hello_service again with a valid token: the gateway has no such service now"
 token=$("$PY" examples/client.py --print-token)
