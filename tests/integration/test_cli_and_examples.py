@@ -83,8 +83,9 @@ def test_seed_story_hello_service_and_client(start_gateway):
 
         wait_for(registered, timeout=10, what="hello_service to register itself")
         env = {"GATEWAY_JWT_SECRET": "secret_key", "GATEWAY_JWT_ISSUER": "my_issuer"}
-        import jwt
         import time
+
+        import jwt
         seed_token = jwt.encode({"sub": "1234567890", "iss": "my_issuer",
                                  "exp": int(time.time()) + 60}, "secret_key", algorithm="HS256")
         gateway.wait_routable("/hello_service", {"Authorization": seed_token})
