@@ -55,11 +55,12 @@ def connection_tokens(value: str | None) -> frozenset[str]:
 class UpstreamRequest(requests.PreparedRequest):
     """A request prepared by hand; ``target`` is the path and query exactly as sent."""
 
-    def __init__(self, method: str, origin: str, target: str, headers: dict[str, str],
+    def __init__(self, instance: Any, method: str, target: str, headers: dict[str, str],
                  body: Any) -> None:
         super().__init__()
+        self.instance = instance
         self.method = method
-        self.url = origin + target
+        self.url = instance.origin + target
         self.target = target
         self.headers = headers  # type: ignore[assignment]
         self.body = body
@@ -86,14 +87,44 @@ class _VerbatimHTTPSPool(HTTPSConnectionPool):
                                      **kwargs)
 
 
+#: Upper bound on the origins whose pools the adapter remembers (more are simply looked up).
+MAX_REMEMBERED_POOLS = 1024
+
+
 class _Adapter(HTTPAdapter):
-    """Sends :class:`UpstreamRequest` untouched and builds responses without cookie parsing."""
+    """Sends :class:`UpstreamRequest` untouched and builds responses without cookie parsing.
+
+    The pool for an instance is found by its origin in one dict lookup, with TLS settings fixed
+    when the pool is made, instead of requests re-parsing the URL and re-applying ``verify``
+    (a ``stat`` of the CA file) on every call.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
+        self._ssl_context = ssl_context
+        self._pools: dict[str, Any] = {}
+        super().__init__(**kwargs)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {
             "http": _VerbatimHTTPPool, "https": _VerbatimHTTPSPool,
         }
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
+                                        cert: Any = None) -> Any:
+        instance = request.instance
+        pool = self._pools.get(instance.origin)
+        if pool is None or pool.pool is None:  # new, or evicted and closed by the manager
+            tls = {"ssl_context": self._ssl_context} if instance.scheme == "https" else None
+            pool = self.poolmanager.connection_from_host(instance.host, instance.port,
+                                                         instance.scheme, pool_kwargs=tls)
+            if len(self._pools) >= MAX_REMEMBERED_POOLS:
+                self._pools.clear()
+            self._pools[instance.origin] = pool
+        return pool
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Nothing to do per request: the pool's ``ssl_context`` verifies every https upstream."""
 
     def request_url(self, request: Any, proxies: Any) -> str:
         return request.target
@@ -150,12 +181,13 @@ class Forwarder:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        self.adapter = _Adapter(pool_connections=64, pool_maxsize=pool_size, max_retries=0)
+        # https upstreams are verified against the configured CA bundle, else the system's
+        # CAs (requests alone would use certifi's), host names included.
+        context = ssl.create_default_context(cafile=ca_bundle)
+        self.adapter = _Adapter(context, pool_connections=256, pool_maxsize=pool_size,
+                                max_retries=0)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
-        #: https upstreams are verified against this CA bundle: the configured one, else the
-        #: system's (requests alone would use certifi's).
-        self.verify: str | bool = ca_bundle or ssl.get_default_verify_paths().cafile or True
 
     def close(self) -> None:
         self.session.close()
@@ -164,10 +196,10 @@ class Forwarder:
              body: BodyReader | None, connect_timeout: float,
              read_timeout: float) -> requests.Response:
         """Send one request; the response's body is left unread, to be streamed."""
-        request = UpstreamRequest(method, instance.origin, target, headers, body)
+        request = UpstreamRequest(instance, method, target, headers, body)
         verbatim = _verbatim_target.set(target)
         try:
-            return self.adapter.send(request, stream=True, verify=self.verify, proxies={},
+            return self.adapter.send(request, stream=True, proxies={},
                                      timeout=(connect_timeout, read_timeout))
         except requests.Timeout as exc:
             if body is not None:
