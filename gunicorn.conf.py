@@ -7,6 +7,7 @@ master, before any worker forks, so a bad value stops the start with a message n
 import sys
 
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
+from gateway_app.ratelimit import SharedBuckets
 
 try:
     _settings = load_settings()
@@ -41,12 +42,14 @@ loglevel = "info"
 
 # -- hooks -------------------------------------------------------------------------------------
 def on_starting(server):
-    """Create what all workers share once, before they fork: the generated JWT secret."""
+    """Create what all workers share once, before they fork: the generated JWT secret and an
+    empty rate-limit table."""
     if _settings.uses_hmac:
         try:
             read_or_create_secret(_settings)
         except ConfigError as exc:
             server.log.error("configuration error: %s", exc)
             sys.exit(2)
+    SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
     server.log.info("gateway: store %s, %d workers x %d threads", _settings.store,
                     _settings.workers, _settings.threads)

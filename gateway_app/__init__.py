@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, g
+from flask import Flask, Response, g, request
 
+from . import accesslog
 from .auth import TokenVerifier, load_public_key
+from .clients import client_address
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
 from .forwarding import Forwarder
+from .ratelimit import SharedBuckets
 from .registry import Registry
 from .stores import open_store
 
@@ -35,10 +39,12 @@ class GatewayState:
     registry: Registry
     verifier: TokenVerifier
     forwarder: Forwarder
+    limiter: SharedBuckets
 
     def close(self) -> None:
         self.registry.close()
         self.forwarder.close()
+        self.limiter.close()
 
 
 def build_verifier(settings: Settings) -> TokenVerifier:
@@ -78,6 +84,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         registry=Registry(open_store(settings.store), settings.refresh_interval),
         verifier=build_verifier(settings),
         forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
+        limiter=SharedBuckets(settings.data_dir / "ratelimit.buckets"),
     )
     if "gateway" in app.extensions:
         raise RuntimeError("a gateway is already registered on this app")
@@ -85,13 +92,39 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     from . import admin, proxy
 
+    accesslog.configure()
+    log_format = settings.log_format
+
     @app.before_request
-    def assign_request_id() -> None:
+    def start_request() -> None:
+        g.start = time.perf_counter()
         g.request_id = proxy.request_id()
 
     @app.after_request
-    def echo_request_id(response: Any) -> Any:
+    def finish_response(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
+        extra = g.get("extra_headers")
+        if extra:
+            response.headers.update(extra)
+        counter = None
+        if response.is_streamed:
+            counter = accesslog.CountingIterator(response.response)
+            response.response = counter
+        environ = request.environ
+        record = {
+            "start": g.start, "request_id": g.request_id,
+            "client": client_address(environ, settings.trusted_proxies),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": (environ.get("RAW_URI") or environ.get("PATH_INFO", "")).partition("?")[0],
+            "service": g.get("service_name"), "instance": getattr(g.get("instance"), "id", None),
+            "status": response.status_code, "upstream_ms": g.get("upstream_ms"),
+        }
+
+        def write_line() -> None:
+            record["bytes"] = counter.sent if counter else response.content_length or 0
+            accesslog.emit(record, log_format)
+
+        response.call_on_close(write_line)
         return response
 
     app.register_blueprint(admin.bp)

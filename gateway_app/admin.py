@@ -20,9 +20,11 @@ from .errors import (
     BadRequest,
     InstanceNotFound,
     PayloadTooLarge,
+    PolicyNotFound,
     ServiceNotFound,
     Unauthorized,
 )
+from .policies import validate_policy
 from .registry import Instance
 from .stores import InstanceRecord
 from .validation import (
@@ -199,3 +201,39 @@ def heartbeat(name: str, instance: str) -> Response:
 @bp.put("/_gateway/services/<name>/instances/<instance>/drain")
 def drain(name: str, instance: str) -> Response:
     return _instance_write(name, instance, "drain")
+
+
+# -- policies ------------------------------------------------------------------------------
+# A policy belongs to a service name, not to its instances: it may be set before any instance
+# registers and outlives the last one.
+
+
+@bp.get("/_gateway/services/<name>/policy")
+def get_policy(name: str) -> Response:
+    doc = current_app.extensions["gateway"].registry.current().policy_docs.get(name)
+    if doc is None:
+        raise PolicyNotFound(f"service {name!r} has no policy")
+    return jsonify(doc)
+
+
+@bp.put("/_gateway/services/<name>/policy")
+def put_policy(name: str) -> tuple[Response, int]:
+    name = check_name(name)
+    text = _read_body()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise BadRequest("the policy must be a JSON object") from None
+    stored = validate_policy(doc)
+    registry = current_app.extensions["gateway"].registry
+    created = name not in registry.current().policy_docs
+    registry.put_policy(name, stored)
+    return jsonify(stored), 201 if created else 200
+
+
+@bp.delete("/_gateway/services/<name>/policy")
+def delete_policy(name: str) -> Response:
+    registry = current_app.extensions["gateway"].registry
+    if not NAME_RE.match(name) or not registry.delete_policy(name):
+        raise PolicyNotFound(f"service {name!r} has no policy")
+    return jsonify(name=name, deleted=True)

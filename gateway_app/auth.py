@@ -171,7 +171,11 @@ def require_jwt(view: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not g.get("public"):
-            g.claims = check_request()
+            try:
+                g.claims = check_request()
+            except Unauthorized:
+                g.auth_failed = True  # counted against the client address by the rate limit
+                raise
         return view(*args, **kwargs)
 
     return wrapper

@@ -51,6 +51,11 @@ class InstanceNotFound(NotFound):
     description = "No such instance."
 
 
+class PolicyNotFound(NotFound):
+    error = "policy_not_found"
+    description = "The service has no policy."
+
+
 class MethodNotAllowed(GatewayError):
     code, error = 405, "method_not_allowed"
     description = "The method is not allowed here."

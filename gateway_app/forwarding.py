@@ -24,7 +24,7 @@ from typing import IO, Any
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, NewConnectionError
+from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
 
 from .errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
 
@@ -248,6 +248,26 @@ def stream_body(upstream: requests.Response, description: str) -> Iterator[bytes
     except (HTTPError, OSError) as exc:
         log.warning("upstream %s failed mid-body: %s", description, type(exc).__name__)
         raise UpstreamAborted(description) from None
+
+
+def read_upto(upstream: requests.Response, limit: int, description: str) -> bytes:
+    """Read at most ``limit`` bytes of the upstream's body, before any header went out: a
+    failure here is still a 502 or 504 for the client."""
+    chunks, total = [], 0
+    try:
+        while total < limit:
+            chunk = upstream.raw.read(min(CHUNK_SIZE, limit - total), decode_content=False)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except ReadTimeoutError:
+        log.warning("upstream %s timed out mid-body", description)
+        raise GatewayTimeout(f"upstream {description} did not finish its answer in time") from None
+    except (HTTPError, OSError) as exc:
+        log.warning("upstream %s failed mid-body: %s", description, type(exc).__name__)
+        raise BadGateway(f"upstream {description} failed mid-answer") from None
+    return b"".join(chunks)
 
 
 def release(upstream: requests.Response) -> None:

@@ -16,9 +16,17 @@ from urllib.parse import quote
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.routing import BaseConverter, ValidationError
 
+from . import transforms
 from .auth import require_jwt
-from .clients import in_networks
-from .errors import BadRequest, NoHealthyInstance, PayloadTooLarge, ServiceNotFound
+from .clients import client_address, in_networks
+from .config import RateLimit
+from .errors import (
+    BadRequest,
+    NoHealthyInstance,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceNotFound,
+)
 from .forwarding import (
     GATEWAY_OWNED,
     HOP_BY_HOP,
@@ -27,6 +35,8 @@ from .forwarding import (
     release,
     stream_body,
 )
+from .policies import DEFAULT_POLICY, Policy
+from .ratelimit import Decision
 from .validation import NAME_RE, RESERVED_NAMES, has_dot_segment
 
 #: The methods forwarded; anything else gets 405 from routing.
@@ -100,11 +110,24 @@ def parse_target() -> None:
     if not _TARGET_RE.match(target) or has_dot_segment(path) or "#" in target:
         raise BadRequest("malformed request path")
     name, slash, rest = path[1:].partition("/")
+    policy = current_app.extensions["gateway"].registry.snapshot().policies.get(
+        name, DEFAULT_POLICY)
     g.service_name = name
-    g.upstream_target = (slash + rest, sep + query)
-    policy = current_app.extensions["gateway"].registry.snapshot().policies.get(name)
+    g.upstream_target = (path if not policy.strip_prefix else slash + rest, sep + query)
     g.policy = policy
-    g.public = bool(policy and policy.get("auth") == "none")
+    g.public = policy.public
+
+
+@bp.after_request
+def count_refused_tokens(response: Response) -> Response:
+    """A request refused for its token still counts against its client address's limit."""
+    if g.get("auth_failed"):
+        gw = current_app.extensions["gateway"]
+        limit = _limit_for(gw.settings, g.policy)
+        if limit is not None:
+            client = client_address(request.environ, gw.settings.trusted_proxies)
+            response.headers.update(_take(gw, g.policy, g.service_name, client, limit).headers())
+    return response
 
 
 @bp.route("/<service:name>", methods=METHODS, provide_automatic_options=False)
@@ -113,12 +136,24 @@ def parse_target() -> None:
 def proxy(name: str, rest: str | None = None) -> Response:
     gw = current_app.extensions["gateway"]
     settings = gw.settings
+    policy: Policy = g.policy
     environ = request.environ
     service = gw.registry.snapshot().services.get(name) if NAME_RE.match(name) else None
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
 
     body, length = _request_body(environ, settings.max_body_bytes)
+    limit = _limit_for(settings, policy)
+    if limit is not None:
+        claims = g.get("claims")
+        subject = claims.get("sub") if claims else None
+        client = subject or client_address(environ, settings.trusted_proxies)
+        decision = _take(gw, policy, name, client, limit)
+        g.extra_headers = decision.headers()
+        if not decision.allowed:
+            raise RateLimited(f"rate limit of {limit.limit} requests per "
+                              f"{_PERIOD_NAMES[limit.period]} exceeded")
+
     instance = service.choose(time.time())
     if instance is None:
         raise NoHealthyInstance(f"service {name!r} has no instance that can take traffic")
@@ -128,20 +163,49 @@ def proxy(name: str, rest: str | None = None) -> Response:
     headers = _upstream_headers(environ, instance, name, settings.trusted_proxies)
     if length is not None:
         headers["Content-Length"] = length
+    if policy.request_remove or policy.request_add:
+        transforms.apply_request_headers(headers, policy)
 
+    g.instance = instance
+    started = time.perf_counter()
     upstream = gw.forwarder.send(
         instance, request.method, target, headers, body,
-        settings.connect_timeout, settings.read_timeout,
+        policy.connect_timeout or settings.connect_timeout,
+        policy.read_timeout or settings.read_timeout,
     )
-    g.instance = instance
+    g.upstream_ms = (time.perf_counter() - started) * 1000
+    response_headers = _response_headers(upstream.headers)
+    description = f"{instance.origin} ({name})"
+    body_iter: Any = None
+    if policy.transforms_response:
+        response_headers = transforms.response_headers(response_headers, policy)
+        if policy.json_add:
+            body_iter = transforms.json_body(upstream, response_headers, policy, request.method,
+                                             description)
     response = PassthroughResponse(
-        stream_body(upstream, f"{instance.origin} ({name})"),
+        body_iter if body_iter is not None else stream_body(upstream, description),
         status=upstream.status_code,
-        headers=_response_headers(upstream.headers),
+        headers=response_headers,
         direct_passthrough=True,
     )
     response.call_on_close(lambda: release(upstream))
     return response
+
+
+_PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
+
+
+def _limit_for(settings: Any, policy: Policy) -> RateLimit | None:
+    """The service's own limit, else the global one; ``None`` when unlimited."""
+    if policy.rate_limit is False:
+        return None
+    return policy.rate_limit or settings.rate_limit  # type: ignore[return-value]
+
+
+def _take(gw: Any, policy: Policy, name: str, client: str, limit: RateLimit) -> Decision:
+    """One token from the client's bucket: per service when it has its own limit."""
+    scope = name if policy.rate_limit else "*"
+    return gw.limiter.take(f"{scope}\x00{client}", limit)
 
 
 def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | None, str | None]:

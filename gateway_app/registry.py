@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import StoreUnavailable
+from .policies import Policy, compile_policy
 from .stores import InstanceRecord, Store, StoreError, StoreState
 from .validation import instance_id
 
@@ -116,7 +117,10 @@ class Snapshot:
 
     version: int
     services: Mapping[str, Service]
-    policies: Mapping[str, dict[str, Any]]
+    #: Compiled policies for the hot path, by service name.
+    policies: Mapping[str, Policy]
+    #: The policies as stored, for the registry API.
+    policy_docs: Mapping[str, dict[str, Any]]
     #: The earliest lease expiry, so the watcher knows when a purge is due.
     next_expiry: float | None
 
@@ -129,12 +133,13 @@ class Snapshot:
         return cls(
             version=state.version,
             services={name: Service(name, tuple(items)) for name, items in grouped.items()},
-            policies=state.policies,
+            policies={name: compile_policy(doc) for name, doc in state.policies.items()},
+            policy_docs=state.policies,
             next_expiry=min(expiries) if expiries else None,
         )
 
 
-EMPTY = Snapshot(version=-1, services={}, policies={}, next_expiry=None)
+EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expiry=None)
 
 
 class Registry:

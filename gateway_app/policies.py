@@ -1,0 +1,155 @@
+"""Per-service policies: validation of what an operator sends, and the compiled form the hot
+path reads.
+
+A policy is stored as the validated JSON document (every field present, defaults filled in)
+and compiled once per registry snapshot into a :class:`Policy`, so a proxied request only
+reads attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, RateLimit, parse_rate_limit
+from .errors import BadRequest
+from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
+
+#: Response headers the gateway owns: a policy may neither add nor remove them.
+GATEWAY_OWNED_RESPONSE = frozenset({
+    "x-request-id", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after",
+    "content-length",
+})
+#: JSON bodies larger than this are passed through untransformed.
+MAX_JSON_TRANSFORM_BYTES = 1024 * 1024
+MAX_HEADER_VALUE = 4096
+MAX_HEADER_ENTRIES = 32
+MAX_JSON_ADD_BYTES = 16 * 1024
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
+           "request_headers", "response_headers", "response_json")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A service's policy, ready for the hot path."""
+
+    strip_prefix: bool = True
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+    #: ``None``: the global limit applies; ``False``: no limit for this service.
+    rate_limit: RateLimit | None | bool = None
+    public: bool = False
+    request_add: tuple[tuple[str, str], ...] = ()
+    request_remove: frozenset[str] = frozenset()
+    response_add: tuple[tuple[str, str], ...] = ()
+    response_remove: frozenset[str] = frozenset()
+    json_add: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def transforms_response(self) -> bool:
+        return bool(self.response_add or self.response_remove or self.json_add)
+
+
+DEFAULT_POLICY = Policy()
+
+
+def _number(doc: dict[str, Any], key: str, high: float) -> float | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{key} must be a number of seconds or null")
+    if not 0.01 <= value <= high:
+        raise BadRequest(f"{key} must be between 0.01 and {high} seconds")
+    return float(value)
+
+
+def _headers(doc: dict[str, Any], key: str, owned: frozenset[str]) -> dict[str, Any]:
+    value = doc.get(key)
+    if value is None:
+        return {"add": {}, "remove": []}
+    if not isinstance(value, dict) or set(value) - {"add", "remove"}:
+        raise BadRequest(f"{key} must be an object with 'add' and/or 'remove'")
+    add = value.get("add") or {}
+    remove = value.get("remove") or []
+    if not isinstance(add, dict) or not isinstance(remove, list):
+        raise BadRequest(f"{key}.add must be an object and {key}.remove a list")
+    if len(add) > MAX_HEADER_ENTRIES or len(remove) > MAX_HEADER_ENTRIES:
+        raise BadRequest(f"{key} may name at most {MAX_HEADER_ENTRIES} headers each way")
+    for name in [*add, *remove]:
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise BadRequest(f"{key}: {name!r} is not a valid header name")
+        if name.lower() in owned or name.lower() in HOP_BY_HOP:
+            raise BadRequest(f"{key}: {name!r} is set by the gateway and cannot be changed")
+    for name, text in add.items():
+        if not isinstance(text, str) or len(text) > MAX_HEADER_VALUE or any(
+            ord(c) < 32 and c != "\t" or ord(c) == 127 or ord(c) > 255 for c in text
+        ):
+            raise BadRequest(f"{key}.add[{name!r}] must be a header value (printable, "
+                             f"at most {MAX_HEADER_VALUE} characters)")
+    return {"add": dict(add), "remove": list(remove)}
+
+
+def validate_policy(doc: object) -> dict[str, Any]:
+    """The stored form of a policy document, or :class:`BadRequest` saying what is wrong."""
+    if not isinstance(doc, dict):
+        raise BadRequest("the policy must be a JSON object")
+    unknown = set(doc) - set(_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown policy fields: {', '.join(sorted(unknown))}")
+    strip_prefix = doc.get("strip_prefix", True)
+    if not isinstance(strip_prefix, bool):
+        raise BadRequest("strip_prefix must be true or false")
+    rate_limit = doc.get("rate_limit")
+    if rate_limit is not None:
+        if not isinstance(rate_limit, str):
+            raise BadRequest("rate_limit must be a string like '100/second' or 'off', or null")
+        if rate_limit != "off":
+            try:
+                parse_rate_limit(rate_limit)
+            except ConfigError as exc:
+                raise BadRequest(str(exc)) from None
+    auth = doc.get("auth", "jwt")
+    if auth not in ("jwt", "none"):
+        raise BadRequest("auth must be 'jwt' or 'none'")
+    response_json = doc.get("response_json") or {}
+    if not isinstance(response_json, dict) or set(response_json) - {"add"}:
+        raise BadRequest("response_json must be an object with 'add'")
+    json_add = response_json.get("add") or {}
+    if not isinstance(json_add, dict):
+        raise BadRequest("response_json.add must be an object")
+    if len(json.dumps(json_add)) > MAX_JSON_ADD_BYTES:
+        raise BadRequest(f"response_json.add must be at most {MAX_JSON_ADD_BYTES} bytes")
+    return {
+        "strip_prefix": strip_prefix,
+        "connect_timeout": _number(doc, "connect_timeout", 600),
+        "read_timeout": _number(doc, "read_timeout", 3600),
+        "rate_limit": rate_limit,
+        "auth": auth,
+        "request_headers": _headers(doc, "request_headers", GATEWAY_OWNED),
+        "response_headers": _headers(doc, "response_headers", GATEWAY_OWNED_RESPONSE),
+        "response_json": {"add": json_add},
+    }
+
+
+def compile_policy(stored: dict[str, Any]) -> Policy:
+    """The hot-path form of a stored (already validated) policy."""
+    limit = stored.get("rate_limit")
+    request_headers = stored.get("request_headers") or {}
+    response_headers = stored.get("response_headers") or {}
+    return Policy(
+        strip_prefix=stored.get("strip_prefix", True),
+        connect_timeout=stored.get("connect_timeout"),
+        read_timeout=stored.get("read_timeout"),
+        rate_limit=False if limit == "off" else parse_rate_limit(limit) if limit else None,
+        public=stored.get("auth") == "none",
+        request_add=tuple((request_headers.get("add") or {}).items()),
+        request_remove=frozenset(h.lower() for h in request_headers.get("remove") or ()),
+        response_add=tuple((response_headers.get("add") or {}).items()),
+        response_remove=frozenset(h.lower() for h in response_headers.get("remove") or ()),
+        json_add=dict((stored.get("response_json") or {}).get("add") or {}),
+    )
