@@ -106,10 +106,6 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         extra = g.get("extra_headers")
         if extra:
             response.headers.update(extra)
-        counter = None
-        if response.is_streamed:
-            counter = accesslog.CountingIterator(response.response)
-            response.response = counter
         environ = request.environ
         record = {
             "start": g.start, "request_id": g.request_id,
@@ -119,12 +115,21 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
             "service": g.get("service_name"), "instance": getattr(g.get("instance"), "id", None),
             "status": response.status_code, "upstream_ms": g.get("upstream_ms"),
         }
+        if response.is_streamed:
+            # A streamed body is handed to the server as it is (direct passthrough): the line
+            # is written when the server closes it, with the bytes that really went out.
+            def streamed_line() -> None:
+                record["bytes"] = counter.sent
+                accesslog.emit(record, log_format)
 
-        def write_line() -> None:
-            record["bytes"] = counter.sent if counter else response.content_length or 0
-            accesslog.emit(record, log_format)
+            counter = accesslog.CountingIterator(response.response, streamed_line)
+            response.response = counter
+        else:
+            def buffered_line() -> None:
+                record["bytes"] = response.content_length or 0
+                accesslog.emit(record, log_format)
 
-        response.call_on_close(write_line)
+            response.call_on_close(buffered_line)
         return response
 
     app.register_blueprint(admin.bp)

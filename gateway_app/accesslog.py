@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .registry import rfc3339
@@ -19,18 +20,28 @@ log = logging.getLogger("gateway.access")
 
 
 class CountingIterator:
-    """Wraps a response body to count the bytes that reach the client."""
+    """Wraps a streamed response body to count the bytes that reach the client; closing it
+    closes the body, then runs ``on_close``."""
 
-    __slots__ = ("_iterable", "sent")
+    __slots__ = ("_iterable", "_on_close", "sent")
 
-    def __init__(self, iterable: Any) -> None:
+    def __init__(self, iterable: Any, on_close: Callable[[], None]) -> None:
         self._iterable = iterable
+        self._on_close = on_close
         self.sent = 0
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[bytes]:
         for chunk in self._iterable:
             self.sent += len(chunk)
             yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_close()
 
 
 def configure() -> None:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.routing import BaseConverter, ValidationError
+from werkzeug.wsgi import ClosingIterator
 
 from . import transforms
 from .auth import require_jwt
@@ -182,14 +183,16 @@ def proxy(name: str, rest: str | None = None) -> Response:
         if policy.json_add:
             body_iter = transforms.json_body(upstream, response_headers, policy, request.method,
                                              description)
-    response = PassthroughResponse(
-        body_iter if body_iter is not None else stream_body(upstream, description),
+    if body_iter is None:
+        body_iter = stream_body(upstream, description)
+    # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
+    # (called by the server when done, or when the client went away) must release the upstream.
+    return PassthroughResponse(
+        ClosingIterator(body_iter, lambda: release(upstream)),
         status=upstream.status_code,
         headers=response_headers,
         direct_passthrough=True,
     )
-    response.call_on_close(lambda: release(upstream))
-    return response
 
 
 _PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}

@@ -135,11 +135,12 @@ class Gateway:
                             timeout=timeout)
 
 
-    def wait_routable(self, path: str, headers: dict, status: int = 200,
+    def wait_routable(self, path: str, headers: dict, status: int | tuple[int, ...] = 200,
                       timeout: float = 1.0) -> None:
         """Wait (at most the spec's 1 s) until ``path`` answers ``status`` on every worker."""
         tries = 4 * int(self.env["GATEWAY_WORKERS"])
-        wait_for(lambda: all(self.fresh_get(path, headers).status_code == status
+        wanted = status if isinstance(status, tuple) else (status,)
+        wait_for(lambda: all(self.fresh_get(path, headers).status_code in wanted
                              for _ in range(tries)),
                  timeout, what=f"{path} to answer {status} on every worker")
 
