@@ -5,7 +5,13 @@
 #   3. a bare Flask app under the same gunicorn settings (the ceiling of the stack),
 # then the gateway/ceiling ratio. See bench/README.md.
 #
-# Env: BENCH_DURATION (default 10s) and BENCH_WARMUP (default 2s) per target;
+# The gateway and the ceiling run side by side and are measured in alternation, BENCH_ROUNDS
+# times (default 3); the report shows each one's median and the median of the per-round
+# ratios, so a noisy neighbour on a shared machine skews one round, not the result.
+#
+# Env: BENCH_DURATION (default 10s) and BENCH_WARMUP (default 2s) per measured run;
+#      BENCH_ROUNDS (3); BENCH_POLICY: a JSON policy PUT for the benched service first
+#      (e.g. '{"rate_limit": "1000000/second", "request_headers": {"add": {"X-A": "1"}}}');
 #      GATEWAY_WORKERS (2), GATEWAY_THREADS (16); any other GATEWAY_* (e.g. GATEWAY_STORE,
 #      GATEWAY_RATE_LIMIT) flows through to the gateway process unchanged;
 #      BENCH_ALLOW_ERRORS=1 to exit 0 even if a measured run saw non-2xx/3xx or socket errors.
@@ -17,6 +23,7 @@ ROOT=$(pwd)
 BIN="$ROOT/.venv/bin"
 
 DURATION=${BENCH_DURATION:-10s}
+ROUNDS=${BENCH_ROUNDS:-3}
 WARMUP=${BENCH_WARMUP:-2s}
 CONNECTIONS=16
 WRK_THREADS=2
@@ -226,6 +233,17 @@ if [ "$code" != 201 ]; then
   die "POST /register_service answered HTTP $code, expected 201"
 fi
 
+POLICY_DESC="none"
+if [ -n "${BENCH_POLICY:-}" ]; then
+  code=$(curl -s -o "$TMP/policy.out" -w '%{http_code}' --max-time 5 -X PUT \
+    -H 'Content-Type: application/json' --data "$BENCH_POLICY" \
+    "http://127.0.0.1:$GW_PORT/_gateway/services/bench/policy") || true
+  case "$code" in
+    200|201) POLICY_DESC=$BENCH_POLICY ;;
+    *) cat "$TMP/policy.out" >&2 2>/dev/null || true; die "PUT policy answered HTTP $code" ;;
+  esac
+fi
+
 TOKEN_SRC="gateway token"
 TOKEN=""
 if [ -x "$BIN/gateway" ]; then
@@ -265,13 +283,6 @@ case "$code" in
      say "warning: GET $GW_URL without a token answered HTTP $code" ;;
 esac
 
-# --- measure ----------------------------------------------------------------------------------
-echo "bench: config: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC" >&2
-echo "bench: token: $TOKEN_SRC" >&2
-measure upstream "http://127.0.0.1:$NGINX_PORT/"
-measure gateway "$GW_URL" -H "Authorization: Bearer $TOKEN"
-forget "$GW_PID"
-
 # --- 3. ceiling: bare Flask app, same gunicorn settings ----------------------------------------
 CEIL_URL="http://127.0.0.1:$CEIL_PORT/bench/"
 CEIL_LOG="$TMP/ceiling.log"
@@ -291,8 +302,38 @@ if ! wait_http "$CEIL_PID" "$CEIL_LOG" "$CEIL_URL" "$BODY"; then
   CEIL_PID=$LAST_PID
   wait_http "$CEIL_PID" "$CEIL_LOG" "$CEIL_URL" "$BODY" || die "ceiling app did not come up"
 fi
-measure ceiling "$CEIL_URL"
+
+# --- measure: upstream once, then gateway and ceiling in alternation ---------------------------
+echo "bench: config: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC" >&2
+echo "bench: policy: $POLICY_DESC" >&2
+echo "bench: token: $TOKEN_SRC" >&2
+measure upstream "http://127.0.0.1:$NGINX_PORT/"
+for ((round = 1; round <= ROUNDS; round++)); do
+  measure "gateway$round" "$GW_URL" -H "Authorization: Bearer $TOKEN"
+  measure "ceiling$round" "$CEIL_URL"
+done
+forget "$GW_PID"
 forget "$CEIL_PID"
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+RATIOS=()
+for key in gateway ceiling; do
+  for stat in RPS P50 P99; do
+    declare -n table=$stat
+    table[$key]=$(for ((round = 1; round <= ROUNDS; round++)); do
+      echo "${table[$key$round]}"; done | median)
+    unset -n table
+  done
+  ERR[$key]=0
+  for ((round = 1; round <= ROUNDS; round++)); do
+    ERR[$key]=$((ERR[$key] + ERR[$key$round]))
+  done
+done
+for ((round = 1; round <= ROUNDS; round++)); do
+  RATIOS+=("$(awk -v g="${RPS[gateway$round]}" -v c="${RPS[ceiling$round]}" \
+    'BEGIN { printf "%.1f", (c > 0 ? 100 * g / c : 0) }')")
+done
+RATIO=$(printf '%s\n' "${RATIOS[@]}" | median)
 
 # --- report -----------------------------------------------------------------------------------
 ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
@@ -301,7 +342,9 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
   echo "Gateway benchmark  $(date -u '+%Y-%m-%d %H:%M:%SZ')  $(nproc) cores, loopback"
   echo "  gateway: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC"
   echo "  ceiling: $CEIL_HOW"
-  echo "  wrk: $CONNECTIONS connections, $WRK_THREADS threads, $DURATION per target after a $WARMUP warm-up"
+  echo "  policy: $POLICY_DESC"
+  echo "  wrk: $CONNECTIONS connections, $WRK_THREADS threads, $DURATION per run after a $WARMUP warm-up;"
+  echo "       gateway and ceiling alternated over $ROUNDS rounds, medians shown"
   echo
   printf '%-28s %10s %11s %11s %7s\n' target 'req/s' p50 p99 errors
   for key in upstream gateway ceiling; do
@@ -314,8 +357,7 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
       "$(ms "${P99[$key]}")" "${ERR[$key]}"
   done
   echo
-  awk -v g="${RPS[gateway]}" -v c="${RPS[ceiling]}" \
-    'BEGIN { printf "gateway/ceiling: %.1f%% (gateway req/s / ceiling req/s)\n", (c > 0 ? 100 * g / c : 0) }'
+  echo "gateway/ceiling: $RATIO% (median of the rounds: ${RATIOS[*]})"
 } | tee -a "$RAW"
 
 if [ ${#ERRORS_SEEN[@]} -ne 0 ]; then

@@ -22,7 +22,7 @@ from .clients import client_address
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
 from .forwarding import Forwarder
-from .ratelimit import SharedBuckets
+from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .stores import open_store
 
@@ -39,7 +39,7 @@ class GatewayState:
     registry: Registry
     verifier: TokenVerifier
     forwarder: Forwarder
-    limiter: SharedBuckets
+    limiter: Limiter
 
     def close(self) -> None:
         self.registry.close()
@@ -79,12 +79,14 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["service"] = ServiceNameConverter
     app.url_map.converters["rest"] = RestConverter
 
+    store = open_store(settings.store)
     state = GatewayState(
         settings=settings,
-        registry=Registry(open_store(settings.store), settings.refresh_interval),
+        registry=Registry(store, settings.refresh_interval),
         verifier=build_verifier(settings),
         forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
-        limiter=SharedBuckets(settings.data_dir / "ratelimit.buckets"),
+        limiter=(store.make_limiter(settings)
+                 or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
     )
     if "gateway" in app.extensions:
         raise RuntimeError("a gateway is already registered on this app")

@@ -7,8 +7,11 @@ whole duration of a streamed response. It never carries a token, a secret, or th
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,12 +48,20 @@ class CountingIterator:
 
 
 def configure() -> None:
-    """Send access lines to stdout, one per line, unless the application set up handlers."""
+    """Send access lines to stdout, one per line, unless the application set up handlers.
+
+    Request threads only put the line on a queue; one thread per process writes it, so no
+    request waits on the write (and on the GIL hand-back after it).
+    """
     if log.handlers:
         return
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    writer = logging.StreamHandler(sys.stdout)
+    writer.setFormatter(logging.Formatter("%(message)s"))
+    listener = logging.handlers.QueueListener(lines, writer)
+    listener.start()
+    atexit.register(listener.stop)  # a worker that exits normally writes what is queued
+    log.addHandler(logging.handlers.QueueHandler(lines))
     log.setLevel(logging.INFO)
     log.propagate = False
 

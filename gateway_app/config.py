@@ -93,6 +93,8 @@ class Settings:
     upstream_ca_bundle: str | None = None
     rate_limit: RateLimit | None = None
     log_format: str = "text"
+    #: When the shared rate-limit state cannot be reached: allow (True) or refuse requests.
+    rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
     refresh_interval: float = 0.1
     extra: dict[str, str] = field(default_factory=dict)
@@ -227,6 +229,10 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     if rate_text and rate_text.lower() != "off":
         rate_limit = parse_rate_limit(rate_text, "GATEWAY_RATE_LIMIT")
 
+    on_error = (_get(env, "GATEWAY_RATE_LIMIT_ON_ERROR") or "open").lower()
+    if on_error not in ("open", "closed"):
+        raise ConfigError(f"GATEWAY_RATE_LIMIT_ON_ERROR: expected open or closed, got {on_error!r}")
+
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
@@ -254,6 +260,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         upstream_ca_bundle=ca_bundle,
         rate_limit=rate_limit,
         log_format=log_format,
+        rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
     )
 

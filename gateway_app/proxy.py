@@ -7,6 +7,7 @@ the body size (413), and the upstream.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import time
@@ -75,12 +76,31 @@ class PassthroughResponse(Response):
     default_mimetype = None
 
 
+class _RequestIds:
+    """New request ids: a random prefix per process and a counter, unique without a syscall
+    per request (``os.urandom`` would be one). A forked child takes a prefix of its own."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):08x}"
+
+
+_request_ids = _RequestIds()
+
+
 def request_id() -> str:
     """The request's id: the client's when it is sane, else a new one."""
     incoming = request.environ.get("HTTP_X_REQUEST_ID")
     if incoming and _SANE_REQUEST_ID.match(incoming):
         return incoming
-    return os.urandom(16).hex()
+    return _request_ids.new()
 
 
 def raw_target(environ: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .config import RateLimit
 
@@ -47,6 +48,14 @@ class Decision:
         if not self.allowed:
             headers["Retry-After"] = str(self.retry_after)
         return headers
+
+
+class Limiter(Protocol):
+    """What the proxy needs of a rate limiter."""
+
+    def take(self, key: str, limit: RateLimit) -> Decision: ...
+
+    def close(self) -> None: ...
 
 
 def _hash(key: str) -> int:

@@ -204,7 +204,10 @@ class Registry:
             thread.start()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.refresh_interval):
+        while not self._stop.is_set():
+            self.store.wait_for_change(self.refresh_interval, self._stop)
+            if self._stop.is_set():
+                return
             try:
                 self.refresh()
             except StoreUnavailable as exc:

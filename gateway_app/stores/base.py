@@ -10,9 +10,14 @@ Every method either commits fully or raises :class:`StoreError` having changed n
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..ratelimit import Limiter
 
 
 class StoreError(Exception):
@@ -95,6 +100,17 @@ class Store(ABC):
     @abstractmethod
     def delete_policy(self, service: str) -> bool:
         """Remove a service's policy; whether there was one."""
+
+    def wait_for_change(self, timeout: float, stop: threading.Event) -> None:
+        """Return after ``timeout`` seconds, or sooner when the store knows of a change (a
+        store with notifications, like Redis pub/sub, returns as soon as one arrives) or when
+        ``stop`` is set. The registry's watcher then compares versions."""
+        stop.wait(timeout)
+
+    def make_limiter(self, settings: Settings) -> Limiter | None:
+        """A rate limiter kept in this store (shared by every node using it), or ``None`` to
+        use the per-machine one."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections; the store may be reopened by the next call."""
