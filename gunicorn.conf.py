@@ -4,6 +4,7 @@ Run with ``gunicorn -c gunicorn.conf.py wsgi:app``. Settings are validated here,
 master, before any worker forks, so a bad value stops the start with a message naming it.
 """
 
+import re
 import sys
 
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
@@ -51,5 +52,14 @@ def on_starting(server):
             server.log.error("configuration error: %s", exc)
             sys.exit(2)
     SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
-    server.log.info("gateway: store %s, %d workers x %d threads", _settings.store,
+    store = re.sub(r"//[^/@]*@", "//***@", _settings.store)  # no password in the log
+    server.log.info("gateway: store %s, %d workers x %d threads", store,
                     _settings.workers, _settings.threads)
+
+
+def worker_exit(server, worker):
+    """Stop a worker's background threads (registry watcher, health checker) cleanly."""
+    app = getattr(worker, "wsgi", None)
+    state = getattr(app, "extensions", {}).get("gateway")
+    if state is not None:
+        state.close()

@@ -22,8 +22,10 @@ from .clients import client_address
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
 from .forwarding import Forwarder
+from .health import ActiveChecker
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
+from .retries import RetryBudget
 from .stores import open_store
 
 __all__ = ["create_app", "GatewayState"]
@@ -40,8 +42,11 @@ class GatewayState:
     verifier: TokenVerifier
     forwarder: Forwarder
     limiter: Limiter
+    retries: RetryBudget
+    checker: ActiveChecker
 
     def close(self) -> None:
+        self.checker.stop()
         self.registry.close()
         self.forwarder.close()
         self.limiter.close()
@@ -80,14 +85,18 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["rest"] = RestConverter
 
     store = open_store(settings.store)
+    registry = Registry(store, settings.refresh_interval, settings.balancing)
     state = GatewayState(
         settings=settings,
-        registry=Registry(store, settings.refresh_interval),
+        registry=registry,
         verifier=build_verifier(settings),
         forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
         limiter=(store.make_limiter(settings)
                  or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
+        retries=RetryBudget(),
+        checker=ActiveChecker(registry, registry.health, settings.upstream_ca_bundle),
     )
+    state.checker.start()
     if "gateway" in app.extensions:
         raise RuntimeError("a gateway is already registered on this app")
     app.extensions["gateway"] = state

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .registry import rfc3339
+from .clock import rfc3339
 
 log = logging.getLogger("gateway.access")
 

@@ -93,6 +93,8 @@ class Settings:
     upstream_ca_bundle: str | None = None
     rate_limit: RateLimit | None = None
     log_format: str = "text"
+    #: Load balancing for services whose policy names none.
+    balancing: str = "round_robin"
     #: When the shared rate-limit state cannot be reached: allow (True) or refuse requests.
     rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
@@ -170,6 +172,12 @@ def validate_store_url(url: str) -> str:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return url
     if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        from .stores.redis import parse_url  # the form only: nothing connects here
+
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"GATEWAY_STORE: {exc}") from None
         return url
     raise ConfigError(
         "GATEWAY_STORE: expected sqlite:///PATH, memory:// or redis://HOST:PORT/DB,"
@@ -229,6 +237,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     if rate_text and rate_text.lower() != "off":
         rate_limit = parse_rate_limit(rate_text, "GATEWAY_RATE_LIMIT")
 
+    balancing = _get(env, "GATEWAY_BALANCING") or "round_robin"
+    if balancing not in ("round_robin", "least_in_flight", "random"):
+        raise ConfigError("GATEWAY_BALANCING: expected round_robin, least_in_flight or random,"
+                          f" got {balancing!r}")
+
     on_error = (_get(env, "GATEWAY_RATE_LIMIT_ON_ERROR") or "open").lower()
     if on_error not in ("open", "closed"):
         raise ConfigError(f"GATEWAY_RATE_LIMIT_ON_ERROR: expected open or closed, got {on_error!r}")
@@ -260,6 +273,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         upstream_ca_bundle=ca_bundle,
         rate_limit=rate_limit,
         log_format=log_format,
+        balancing=balancing,
         rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
     )

@@ -20,6 +20,9 @@ class GatewayError(HTTPException):
     code = 500
     error = "internal_error"
     description = "The gateway failed to handle the request."
+    #: For upstream failures: nothing of the request reached the upstream (requests'
+    #: ``ConnectTimeout`` is "safe to retry" in the same sense).
+    safe_to_retry = False
 
     def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(description=message or self.description)

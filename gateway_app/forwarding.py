@@ -26,7 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
 
-from .errors import BadGateway, BadRequest, GatewayTimeout, PayloadTooLarge
+from .errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, PayloadTooLarge
 
 log = logging.getLogger("gateway.forwarding")
 
@@ -154,6 +154,8 @@ class BodyReader:
     def __init__(self, stream: IO[bytes], limit: int) -> None:
         self._stream = stream
         self._remaining = limit
+        #: Bytes handed to the upstream connection so far.
+        self.sent = 0
         self.too_large = False
         self.client_error: Exception | None = None
 
@@ -167,7 +169,19 @@ class BodyReader:
         if self._remaining < 0:
             self.too_large = True
             raise OSError("request body over the limit")
+        self.sent += len(data)
         return data
+
+    def read_all(self) -> bytes:
+        """The whole (small) body, read before anything is sent; client faults become 400/413."""
+        chunks = []
+        try:
+            while chunk := self.read():
+                chunks.append(chunk)
+        except Exception:
+            _raise_for_body(self)
+            raise
+        return b"".join(chunks)
 
 
 class UpstreamAborted(Exception):
@@ -193,7 +207,7 @@ class Forwarder:
         self.session.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
-             body: BodyReader | None, connect_timeout: float,
+             body: BodyReader | bytes | None, connect_timeout: float,
              read_timeout: float) -> requests.Response:
         """Send one request; the response's body is left unread, to be streamed."""
         request = UpstreamRequest(instance, method, target, headers, body)
@@ -201,14 +215,14 @@ class Forwarder:
         try:
             return self.adapter.send(request, stream=True, proxies={},
                                      timeout=(connect_timeout, read_timeout))
-        except requests.Timeout as exc:
-            if body is not None:
-                _raise_for_body(body)
-            raise GatewayTimeout(_describe(exc, instance)) from None
         except requests.RequestException as exc:
-            if body is not None:
+            if isinstance(body, BodyReader):
                 _raise_for_body(body)
-            raise BadGateway(_describe(exc, instance)) from None
+            error: GatewayError = (GatewayTimeout if isinstance(exc, requests.Timeout)
+                                   else BadGateway)(_describe(exc, instance))
+            # Nothing of the request reached the upstream: it may safely go elsewhere.
+            error.safe_to_retry = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
+            raise error from None
         finally:
             _verbatim_target.reset(verbatim)
 
@@ -220,6 +234,11 @@ def _raise_for_body(body: BodyReader) -> None:
         raise BadRequest("the request body could not be read")
 
 
+def _refused(exc: Exception) -> bool:
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(reason, NewConnectionError)
+
+
 def _describe(exc: Exception, instance: Any) -> str:
     if isinstance(exc, requests.ConnectTimeout):
         kind = "did not accept the connection in time"
@@ -227,8 +246,7 @@ def _describe(exc: Exception, instance: Any) -> str:
         kind = "did not answer in time"
     elif isinstance(exc, requests.exceptions.SSLError):
         kind = "failed TLS verification"
-    elif isinstance(getattr(exc.args[0] if exc.args else None, "reason", None),
-                    NewConnectionError):
+    elif _refused(exc):
         kind = "refused the connection"
     else:
         kind = "failed before answering"

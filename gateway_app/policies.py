@@ -17,6 +17,7 @@ from typing import Any
 from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
 from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
+from .validation import has_dot_segment
 
 #: Response headers the gateway owns: a policy may neither add nor remove them.
 GATEWAY_OWNED_RESPONSE = frozenset({
@@ -30,7 +31,17 @@ MAX_HEADER_ENTRIES = 32
 MAX_JSON_ADD_BYTES = 16 * 1024
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
-           "request_headers", "response_headers", "response_json")
+           "request_headers", "response_headers", "response_json", "balancing", "health_check")
+#: Load-balancing strategies a policy (or GATEWAY_BALANCING) may name.
+STRATEGIES = ("round_robin", "least_in_flight", "random")
+#: Active health check fields: (default, low, high).
+_CHECK_FIELDS = {
+    "interval": (10.0, 0.1, 3600.0),
+    "timeout": (2.0, 0.05, 60.0),
+    "healthy_threshold": (2, 1, 100),
+    "unhealthy_threshold": (2, 1, 100),
+}
+_CHECK_PATH_RE = re.compile(r"^/[\x21-\x7e]{0,1023}$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,9 @@ class Policy:
     response_add: tuple[tuple[str, str], ...] = ()
     response_remove: frozenset[str] = frozenset()
     json_add: dict[str, Any] = field(default_factory=dict)
+    #: ``None``: the gateway's default strategy.
+    balancing: str | None = None
+    health_check: dict[str, Any] | None = None
 
     @property
     def transforms_response(self) -> bool:
@@ -94,6 +108,29 @@ def _headers(doc: dict[str, Any], key: str, owned: frozenset[str]) -> dict[str, 
     return {"add": dict(add), "remove": list(remove)}
 
 
+def _health_check(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"path", *_CHECK_FIELDS}:
+        raise BadRequest("health_check must be an object with path, interval, timeout, "
+                         "healthy_threshold, unhealthy_threshold")
+    path = value.get("path", "/")
+    if not isinstance(path, str) or not _CHECK_PATH_RE.match(path) or has_dot_segment(path):
+        raise BadRequest("health_check.path must be an absolute path like '/health'")
+    check: dict[str, Any] = {"path": path}
+    for key, (default, low, high) in _CHECK_FIELDS.items():
+        number = value.get(key, default)
+        whole = isinstance(default, int)
+        if isinstance(number, bool) or not isinstance(number, int if whole else int | float) \
+                or not low <= number <= high:
+            raise BadRequest(f"health_check.{key} must be a {'whole ' if whole else ''}number "
+                             f"from {low} to {high}")
+        check[key] = number
+    if check["timeout"] >= check["interval"]:
+        raise BadRequest("health_check.timeout must be shorter than its interval")
+    return check
+
+
 def validate_policy(doc: object) -> dict[str, Any]:
     """The stored form of a policy document, or :class:`BadRequest` saying what is wrong."""
     if not isinstance(doc, dict):
@@ -124,7 +161,12 @@ def validate_policy(doc: object) -> dict[str, Any]:
         raise BadRequest("response_json.add must be an object")
     if len(json.dumps(json_add)) > MAX_JSON_ADD_BYTES:
         raise BadRequest(f"response_json.add must be at most {MAX_JSON_ADD_BYTES} bytes")
+    balancing = doc.get("balancing")
+    if balancing is not None and balancing not in STRATEGIES:
+        raise BadRequest(f"balancing must be one of {', '.join(STRATEGIES)}")
     return {
+        "balancing": balancing,
+        "health_check": _health_check(doc.get("health_check")),
         "strip_prefix": strip_prefix,
         "connect_timeout": _number(doc, "connect_timeout", 600),
         "read_timeout": _number(doc, "read_timeout", 3600),
@@ -152,4 +194,6 @@ def compile_policy(stored: dict[str, Any]) -> Policy:
         response_add=tuple((response_headers.get("add") or {}).items()),
         response_remove=frozenset(h.lower() for h in response_headers.get("remove") or ()),
         json_add=dict((stored.get("response_json") or {}).get("add") or {}),
+        balancing=stored.get("balancing"),
+        health_check=stored.get("health_check"),
     )

@@ -8,6 +8,7 @@ the body size (413), and the upstream.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 import time
@@ -23,7 +24,10 @@ from .auth import require_jwt
 from .clients import client_address, in_networks
 from .config import RateLimit
 from .errors import (
+    BadGateway,
     BadRequest,
+    GatewayError,
+    GatewayTimeout,
     NoHealthyInstance,
     PayloadTooLarge,
     RateLimited,
@@ -37,8 +41,11 @@ from .forwarding import (
     release,
     stream_body,
 )
+from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision
+from .registry import Instance, Service
+from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
 from .validation import NAME_RE, RESERVED_NAMES, has_dot_segment
 
 #: The methods forwarded; anything else gets 405 from routing.
@@ -49,6 +56,7 @@ _DROPPED = HOP_BY_HOP | GATEWAY_OWNED | {"expect"}
 _TARGET_RE = re.compile(r"^/[\x21-\x7e]*$")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
+log = logging.getLogger("gateway.proxy")
 bp = Blueprint("proxy", __name__)
 
 
@@ -175,26 +183,17 @@ def proxy(name: str, rest: str | None = None) -> Response:
             raise RateLimited(f"rate limit of {limit.limit} requests per "
                               f"{_PERIOD_NAMES[limit.period]} exceeded")
 
-    instance = service.choose(time.time())
-    if instance is None:
-        raise NoHealthyInstance(f"service {name!r} has no instance that can take traffic")
+    upstream, instance = _send_with_retries(gw, service, policy, body, length)
+    health = gw.registry.health
+    if upstream.status_code in FAILURE_STATUSES:
+        health.failed(instance.health, time.time(), f"status {upstream.status_code}")
+    else:
+        health.succeeded(instance.health, time.time())
 
-    path, query = g.upstream_target
-    target = (instance.base_path + path or "/") + query
-    headers = _upstream_headers(environ, instance, name, settings.trusted_proxies)
-    if length is not None:
-        headers["Content-Length"] = length
-    if policy.request_remove or policy.request_add:
-        transforms.apply_request_headers(headers, policy)
+    def finished() -> None:
+        health.finished(instance.health)
+        release(upstream)
 
-    g.instance = instance
-    started = time.perf_counter()
-    upstream = gw.forwarder.send(
-        instance, request.method, target, headers, body,
-        policy.connect_timeout or settings.connect_timeout,
-        policy.read_timeout or settings.read_timeout,
-    )
-    g.upstream_ms = (time.perf_counter() - started) * 1000
     response_headers = _response_headers(upstream.headers)
     description = f"{instance.origin} ({name})"
     body_iter: Any = None
@@ -208,11 +207,66 @@ def proxy(name: str, rest: str | None = None) -> Response:
     # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
     # (called by the server when done, or when the client went away) must release the upstream.
     return PassthroughResponse(
-        ClosingIterator(body_iter, lambda: release(upstream)),
+        ClosingIterator(body_iter, finished),
         status=upstream.status_code,
         headers=response_headers,
         direct_passthrough=True,
     )
+
+
+def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
+                       length: str | None) -> tuple[Any, Instance]:
+    """Choose an instance and send; on a failure that allows it, try another (see retries)."""
+    settings = gw.settings
+    environ = request.environ
+    method = request.method
+    idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+    if isinstance(body, BodyReader) and length is not None \
+            and int(length) <= REPLAYABLE_BODY_BYTES:
+        body = body.read_all()  # small: kept, so it can be sent again
+    connect_timeout = policy.connect_timeout or settings.connect_timeout
+    read_timeout = policy.read_timeout or settings.read_timeout
+    deadline = time.monotonic() + connect_timeout + read_timeout
+    path, query = g.upstream_target
+    health = gw.registry.health
+    tried: set[str] = set()
+    failure: GatewayError | None = None
+    gw.retries.request()
+    while True:
+        instance = service.choose(time.time(), frozenset(tried))
+        if instance is None:
+            if failure is not None:
+                raise failure
+            raise NoHealthyInstance(f"service {service.name!r} has no instance that can take "
+                                    "traffic")
+        headers = _upstream_headers(environ, instance, service.name, settings.trusted_proxies)
+        if length is not None:
+            headers["Content-Length"] = length
+        if policy.request_remove or policy.request_add:
+            transforms.apply_request_headers(headers, policy)
+        g.instance = instance
+        health.started(instance.health)
+        started = time.perf_counter()
+        try:
+            upstream = gw.forwarder.send(
+                instance, method, (instance.base_path + path or "/") + query, headers, body,
+                connect_timeout, max(0.01, min(read_timeout, deadline - time.monotonic())),
+            )
+        except (BadGateway, GatewayTimeout) as exc:
+            health.finished(instance.health)
+            health.failed(instance.health, time.time(), exc.error)
+            unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
+            replayable = idempotent and not isinstance(body, BodyReader)
+            if (len(tried) < MAX_RETRIES and (unsent or replayable)
+                    and deadline - time.monotonic() > 0.05 and gw.retries.try_retry()):
+                log.info("retrying %s %s on another instance after: %s", method,
+                         service.name, exc.description)
+                tried.add(instance.id)
+                failure = exc
+                continue
+            raise
+        g.upstream_ms = (time.perf_counter() - started) * 1000
+        return upstream, instance
 
 
 _PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}

@@ -17,17 +17,19 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from .clock import rfc3339
 from .errors import StoreUnavailable
-from .policies import Policy, compile_policy
+from .health import HealthTracker, InstanceHealth
+from .policies import DEFAULT_POLICY, Policy, compile_policy
 from .stores import InstanceRecord, Store, StoreError, StoreState
 from .validation import instance_id
 
@@ -35,20 +37,15 @@ log = logging.getLogger("gateway.registry")
 T = TypeVar("T")
 
 
-def rfc3339(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class Instance:
-    """An instance as request threads see it: the stored record plus what forwarding needs."""
+    """An instance as request threads see it: the stored record, what forwarding needs, and
+    this process's view of its health."""
 
     __slots__ = ("record", "service", "id", "address", "weight", "expires_at", "draining",
-                 "scheme", "host", "port", "base_path", "origin")
+                 "scheme", "host", "port", "base_path", "origin", "health", "checked")
 
-    def __init__(self, record: InstanceRecord):
+    def __init__(self, record: InstanceRecord, health: InstanceHealth | None = None,
+                 checked: bool = False):
         self.record = record
         self.service = record.service
         self.id = record.id
@@ -63,16 +60,24 @@ class Instance:
         self.base_path = parts.path
         #: ``scheme://host[:port]``, the pool key for forwarding.
         self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.health = health or InstanceHealth()
+        #: The service has an active health check.
+        self.checked = checked
 
     def live(self, now: float) -> bool:
-        """May take new requests: lease valid and not draining."""
+        """Registered for traffic: lease valid and not draining."""
         return not self.draining and (self.expires_at is None or self.expires_at > now)
 
-    def health(self, now: float) -> str:
+    def state(self, now: float) -> str:
         if self.draining:
             return "draining"
-        if self.expires_at is not None and self.expires_at <= now:
+        health = self.health
+        if (self.expires_at is not None and self.expires_at <= now) or \
+                health.ejected_until > now or (self.checked and health.checked
+                                               and not health.check_ok):
             return "unhealthy"
+        if (self.checked and health.check_ok) or health.last_success:
+            return "healthy"
         return "unknown"
 
     def to_dict(self, now: float) -> dict[str, Any]:
@@ -85,27 +90,78 @@ class Instance:
             "ttl": r.ttl,
             "registered_at": rfc3339(r.registered_at),
             "expires_at": rfc3339(r.expires_at),
-            "health": self.health(now),
+            "health": self.state(now),
+            **self.health.to_dict(now),
         }
+
+
+def smooth_schedule(weights: list[int], limit: int = 4096) -> tuple[int, ...]:
+    """Indices in smooth weighted round-robin order (nginx's algorithm): weights 5,1,1 give
+    a a b a c a a, not a a a a a b c. Weights are scaled down if the cycle would be long."""
+    total = sum(weights)
+    if total > limit:
+        weights = [max(1, w * limit // total) for w in weights]
+    current = [0] * len(weights)
+    order = []
+    for _ in range(sum(weights)):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=current.__getitem__)
+        current[best] -= sum(weights)
+        order.append(best)
+    return tuple(order)
 
 
 @dataclass(frozen=True)
 class Service:
     name: str
     instances: tuple[Instance, ...]
+    strategy: str = "round_robin"
+    health_check: dict[str, Any] | None = None
+    #: Round-robin order over ``instances`` by weight.
+    schedule: tuple[int, ...] = ()
     #: Round-robin position; ``next()`` on ``itertools.count`` is atomic under the GIL.
     _counter: itertools.count = field(default_factory=itertools.count, compare=False)
 
-    def choose(self, now: float) -> Instance | None:
-        """The next live instance in round-robin order, ``None`` when none is live."""
+    def choose(self, now: float, exclude: frozenset[str] = frozenset()) -> Instance | None:
+        """An instance for the next request, ``None`` when none can take it.
+
+        Instances whose lease lapsed, that drain, are ejected, or fail their active check are
+        passed over, unless that leaves fewer than half of the live ones: then (the panic
+        threshold) every live instance is used rather than none. ``exclude`` names instances a
+        retry must avoid.
+        """
         instances = self.instances
-        if len(instances) == 1:
+        checked = self.health_check is not None
+        if len(instances) == 1 and not exclude:
+            # alone, it is used even when ejected (the panic rule), once it is proven
             only = instances[0]
-            return only if only.live(now) else None
+            return only if only.live(now) and (not checked or only.health.checked) else None
         live = [i for i in instances if i.live(now)]
-        if not live:
+        ready = [i for i in live if i.health.available(now, checked)]
+        if 2 * len(ready) < len(live):  # panic: most are out; spread over all but the unproven
+            ready = [i for i in live if not checked or i.health.checked]
+        if exclude:
+            ready = [i for i in ready if i.id not in exclude]
+        if not ready:
             return None
-        return live[next(self._counter) % len(live)]
+        if len(ready) == 1:
+            return ready[0]
+        if self.strategy == "least_in_flight":
+            return min(ready, key=lambda i: ((i.health.in_flight + 1) / i.weight,
+                                             random.random()))
+        if self.strategy == "random":
+            return random.choices(ready, weights=[i.weight for i in ready])[0]
+        position = next(self._counter)
+        if len(ready) == len(instances):
+            return instances[self.schedule[position % len(self.schedule)]]
+        total = sum(i.weight for i in ready)
+        point = position % total
+        for instance in ready:
+            point -= instance.weight
+            if point < 0:
+                return instance
+        return ready[-1]
 
     def to_dict(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "instances": [i.to_dict(now) for i in self.instances]}
@@ -125,15 +181,29 @@ class Snapshot:
     next_expiry: float | None
 
     @classmethod
-    def from_state(cls, state: StoreState) -> Snapshot:
-        grouped: dict[str, list[Instance]] = {}
+    def from_state(cls, state: StoreState, health: HealthTracker | None = None,
+                   default_strategy: str = "round_robin") -> Snapshot:
+        health = health or HealthTracker()
+        policies = {name: compile_policy(doc) for name, doc in state.policies.items()}
+        grouped: dict[str, list[InstanceRecord]] = {}
         for record in sorted(state.instances, key=lambda r: (r.service, r.registered_at, r.id)):
-            grouped.setdefault(record.service, []).append(Instance(record))
+            grouped.setdefault(record.service, []).append(record)
+        services = {}
+        for name, records in grouped.items():
+            policy = policies.get(name, DEFAULT_POLICY)
+            check = policy.health_check
+            instances = tuple(Instance(r, health.get(name, r.id), check is not None)
+                              for r in records)
+            services[name] = Service(
+                name, instances, strategy=policy.balancing or default_strategy,
+                health_check=check, schedule=smooth_schedule([i.weight for i in instances]),
+            )
+        health.keep_only({(r.service, r.id) for r in state.instances})
         expiries = [r.expires_at for r in state.instances if r.expires_at is not None]
         return cls(
             version=state.version,
-            services={name: Service(name, tuple(items)) for name, items in grouped.items()},
-            policies={name: compile_policy(doc) for name, doc in state.policies.items()},
+            services=services,
+            policies=policies,
             policy_docs=state.policies,
             next_expiry=min(expiries) if expiries else None,
         )
@@ -145,9 +215,13 @@ EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expi
 class Registry:
     """Readers get :meth:`snapshot`; writers go through the methods below, one at a time."""
 
-    def __init__(self, store: Store, refresh_interval: float = 0.1) -> None:
+    def __init__(self, store: Store, refresh_interval: float = 0.1,
+                 default_strategy: str = "round_robin") -> None:
         self.store = store
         self.refresh_interval = refresh_interval
+        self.default_strategy = default_strategy
+        #: This process's view of every instance's health, kept across snapshots.
+        self.health = HealthTracker()
         self._write_lock = threading.Lock()
         self._snapshot = EMPTY
         self._watching = False
@@ -187,7 +261,7 @@ class Registry:
     def _reload_locked(self) -> Snapshot:
         state = self._call(self.store.load)
         if state.version != self._snapshot.version:
-            self._snapshot = Snapshot.from_state(state)
+            self._snapshot = Snapshot.from_state(state, self.health, self.default_strategy)
         return self._snapshot
 
     def _start_watcher(self) -> None:

@@ -1,0 +1,212 @@
+"""Instance health, per worker process: passive outlier ejection and active checks.
+
+Passive (Envoy's outlier detection): an instance that fails :data:`EJECT_AFTER` times in a row
+(connect error, timeout, 502/503/504) is ejected for 30 s, doubling with each ejection in a row
+up to 300 s, then tried again; a success resets it.
+
+Active (Kong's and Caddy's health checks): when a service's policy has a ``health_check``, one
+thread per process probes its instances, a few at a time. An instance of such a service takes
+traffic only after its first pass, and unhealthy instances keep being probed, so they always
+recover.
+
+The state lives in :class:`HealthTracker`, keyed by service and instance id, so it survives the
+registry snapshots being replaced. Each worker process keeps its own view.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from .clock import rfc3339
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+log = logging.getLogger("gateway.health")
+
+#: Consecutive failures that eject an instance.
+EJECT_AFTER = 5
+#: First ejection, and the cap on the doubling.
+BASE_EJECTION = 30.0
+MAX_EJECTION = 300.0
+#: Upstream statuses that count as failures of the instance.
+FAILURE_STATUSES = frozenset({502, 503, 504})
+#: Probes in flight at once, per process.
+PROBE_CONCURRENCY = 4
+
+
+class InstanceHealth:
+    """What one process knows of one instance's health. Mutated under the tracker's lock."""
+
+    __slots__ = ("consecutive_failures", "ejected_until", "ejections", "in_flight",
+                 "checked", "check_ok", "check_passes", "check_failures", "last_check",
+                 "next_probe", "probing", "last_success")
+
+    def __init__(self) -> None:
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.in_flight = 0
+        #: Active checks: has a probe ever finished, and is the instance passing?
+        self.checked = False
+        self.check_ok = False
+        self.check_passes = 0
+        self.check_failures = 0
+        self.last_check: dict[str, Any] | None = None
+        self.next_probe = 0.0
+        self.probing = False
+        self.last_success = 0.0
+
+    def available(self, now: float, actively_checked: bool) -> bool:
+        """May take traffic: not ejected, and passing its active check if it has one."""
+        if self.ejected_until > now:
+            return False
+        return self.check_ok if actively_checked else True
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "consecutive_failures": self.consecutive_failures,
+            "ejected_until": rfc3339(self.ejected_until) if self.ejected_until > now else None,
+            "in_flight": self.in_flight,
+            "last_check": self.last_check,
+        }
+
+
+class HealthTracker:
+    """Per-process health of every instance, and the bookkeeping around each request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[str, str], InstanceHealth] = {}
+
+    def get(self, service: str, instance_id: str) -> InstanceHealth:
+        key = (service, instance_id)
+        entry = self._entries.get(key)
+        if entry is None:
+            with self._lock:
+                entry = self._entries.setdefault(key, InstanceHealth())
+        return entry
+
+    def keep_only(self, keys: set[tuple[str, str]]) -> None:
+        """Forget instances that left the registry (the state stays bounded)."""
+        with self._lock:
+            for key in [k for k in self._entries if k not in keys]:
+                del self._entries[key]
+
+    def started(self, health: InstanceHealth) -> None:
+        with self._lock:
+            health.in_flight += 1
+
+    def finished(self, health: InstanceHealth) -> None:
+        with self._lock:
+            health.in_flight -= 1
+
+    def succeeded(self, health: InstanceHealth, now: float) -> None:
+        health.last_success = now
+        if health.consecutive_failures or health.ejections:
+            with self._lock:
+                health.consecutive_failures = 0
+                health.ejections = 0
+
+    def failed(self, health: InstanceHealth, now: float, what: str) -> None:
+        with self._lock:
+            health.consecutive_failures += 1
+            if health.consecutive_failures < EJECT_AFTER or health.ejected_until > now:
+                return
+            seconds = min(MAX_EJECTION, BASE_EJECTION * 2 ** health.ejections)
+            health.ejections += 1
+            health.ejected_until = now + seconds
+            health.consecutive_failures = 0
+        log.warning("instance ejected for %.0f s after %d failures in a row (%s)",
+                    seconds, EJECT_AFTER, what)
+
+    def probed(self, health: InstanceHealth, ok: bool, detail: dict[str, Any],
+               check: dict[str, Any], now: float) -> None:
+        with self._lock:
+            health.probing = False
+            health.next_probe = now + check["interval"]
+            health.last_check = {"time": detail.pop("time"), "ok": ok, **detail}
+            if ok:
+                health.check_passes += 1
+                health.check_failures = 0
+                # the first pass admits a new instance; a failed one needs healthy_threshold
+                if not health.checked or health.check_passes >= check["healthy_threshold"]:
+                    health.check_ok = True
+            else:
+                health.check_failures += 1
+                health.check_passes = 0
+                if not health.checked or health.check_failures >= check["unhealthy_threshold"]:
+                    health.check_ok = False
+            health.checked = True
+
+
+class ActiveChecker:
+    """One thread per process that probes instances of services with a ``health_check``."""
+
+    def __init__(self, registry: Registry, tracker: HealthTracker, ca_bundle: str | None = None,
+                 tick: float = 0.2) -> None:
+        self._registry = registry
+        self._tracker = tracker
+        self._tick = tick
+        self._stop = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._session = requests.Session()
+        self._session.trust_env = False
+        self._verify: str | bool = ca_bundle or True
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(PROBE_CONCURRENCY, thread_name_prefix="health-probe")
+        self._thread = threading.Thread(target=self._run, name="health-checker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop probing; waits for probes in flight (each is bounded by its timeout)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._session.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            snapshot = self._registry.snapshot()
+            now = time.time()
+            for service in snapshot.services.values():
+                check = service.health_check
+                if check is None:
+                    continue
+                for instance in service.instances:
+                    health = instance.health
+                    if health.probing or health.next_probe > now or self._stop.is_set():
+                        continue
+                    health.probing = True
+                    try:
+                        assert self._pool is not None
+                        self._pool.submit(self._probe, instance, health, check)
+                    except RuntimeError:  # shutting down
+                        return
+
+    def _probe(self, instance: Any, health: InstanceHealth, check: dict[str, Any]) -> None:
+        url = instance.origin + instance.base_path + check["path"]
+        started = time.time()
+        detail: dict[str, Any] = {"time": rfc3339(started)}
+        try:
+            response = self._session.get(url, timeout=check["timeout"], verify=self._verify,
+                                         allow_redirects=False, stream=True)
+            response.close()
+            ok = 200 <= response.status_code < 400
+            detail["status"] = response.status_code
+        except requests.RequestException as exc:
+            ok = False
+            detail["error"] = type(exc).__name__
+        self._tracker.probed(health, ok, detail, check, time.time())
+
+
