@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The seed's hello_service: a tiny upstream that registers itself with the gateway.
 
-It binds its port, POSTs ``NAME,http://HOST:PORT`` to ``/register_service`` and then
-answers every GET/HEAD with ``{"message": "Hello from the Service!"}``. On SIGTERM or
-SIGINT it deregisters (POST ``/deregister_service``, same body), stops and exits 0.
-
-Standard library only, so it runs with any Python 3.11+.
+It binds its port, registers through :mod:`gateway_app.registration` (by default with the
+seed's body ``NAME,http://HOST:PORT``; with ``--ttl`` it holds a lease and heartbeats) and
+then answers every GET/HEAD with ``{"message": "Hello from the Service!"}``. On SIGTERM or
+SIGINT it deregisters, stops and exits 0. Run it with the project's venv:
+``.venv/bin/python examples/hello_service.py``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import os
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from gateway_app.registration import RegistrationError, SelfRegistration
+
 BODY = json.dumps({"message": "Hello from the Service!"}).encode()
-TIMEOUT_S = 5
 
 
 def log(message: str) -> None:
@@ -53,44 +52,6 @@ class HelloHandler(BaseHTTPRequestHandler):
         log(f"{self.address_string()} {format % args}")
 
 
-def _post_text(url: str, body: str) -> tuple[int, str]:
-    """POST a text/plain body; return (status, response text). Raises OSError if unreachable."""
-    # The URL's scheme is checked (http/https only) in parse_args, hence the two noqa.
-    headers = {"Content-Type": "text/plain"}
-    request = urllib.request.Request(url, data=body.encode(), headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as err:  # 4xx/5xx: the gateway answered, keep its words
-        return err.code, err.read().decode(errors="replace")
-
-
-def register(gateway: str, name: str, address: str) -> None:
-    """Register NAME at ADDRESS with the gateway; raise RuntimeError with its answer on failure."""
-    url = f"{gateway}/register_service"
-    try:
-        status, text = _post_text(url, f"{name},{address}")
-    except OSError as err:
-        raise RuntimeError(f"cannot reach the gateway at {url}: {err}") from err
-    if status not in (200, 201):
-        raise RuntimeError(f"gateway refused the registration (HTTP {status}): {text.strip()}")
-    log(f"registered {name} at {address} with {gateway} (HTTP {status}): {text.strip()}")
-
-
-def deregister(gateway: str, name: str, address: str) -> None:
-    """Remove NAME at ADDRESS from the gateway; report (not raise) if that fails."""
-    url = f"{gateway}/deregister_service"
-    try:
-        status, text = _post_text(url, f"{name},{address}")
-    except OSError as err:
-        log(f"could not deregister, gateway unreachable at {url}: {err}")
-        return
-    if status == 200:
-        log(f"deregistered {name} at {address} (HTTP {status}): {text.strip()}")
-    else:
-        log(f"gateway did not deregister {name} (HTTP {status}): {text.strip()}")
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -101,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (%(default)s)")
     parser.add_argument("--port", type=int, default=9090, help="port to bind (%(default)s)")
     parser.add_argument("--name", default="hello_service", help="service name (%(default)s)")
+    parser.add_argument("--ttl", type=float, default=None,
+                        help="hold a lease of this many seconds, renewed every ttl/3 "
+                             "(default: the seed's registration, no lease)")
     args = parser.parse_args()
     if not args.gateway.startswith(("http://", "https://")):
         parser.error(f"--gateway must be an http(s) URL, got {args.gateway!r}")
@@ -125,17 +89,23 @@ def main() -> int:
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log(f"listening on {address}")
 
+    # Without --ttl this sends the seed's text body "hello_service,http://127.0.0.1:9090".
+    registration = SelfRegistration(gateway, args.name, address, ttl=args.ttl)
     try:
-        register(gateway, args.name, address)
-    except RuntimeError as err:
+        instance = registration.start()
+    except RegistrationError as err:
         log(f"registration failed: {err}")
         server.shutdown()
         server.server_close()
         return 1
+    lease = f"a {args.ttl:g} s lease renewed every {args.ttl / 3:g} s" if args.ttl else "no lease"
+    log(f"registered {args.name} at {address} with {gateway} as instance {instance['id']} "
+        f"({lease})")
 
     received = signal.sigwait(stop_signals)
     log(f"got {signal.Signals(received).name}, shutting down")
-    deregister(gateway, args.name, address)
+    registration.stop()
+    log(f"deregistered {args.name} at {address}")
     server.shutdown()
     server.server_close()
     log("stopped")

@@ -85,7 +85,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["rest"] = RestConverter
 
     store = open_store(settings.store)
-    registry = Registry(store, settings.refresh_interval, settings.balancing)
+    registry = Registry(store, settings.refresh_interval, settings.balancing,
+                        settings.ejection_seconds)
     state = GatewayState(
         settings=settings,
         registry=registry,

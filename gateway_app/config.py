@@ -95,6 +95,8 @@ class Settings:
     log_format: str = "text"
     #: Load balancing for services whose policy names none.
     balancing: str = "round_robin"
+    #: Seconds an instance is ejected after consecutive failures (doubling, capped at 10x).
+    ejection_seconds: float = 30.0
     #: When the shared rate-limit state cannot be reached: allow (True) or refuse requests.
     rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
@@ -274,6 +276,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         rate_limit=rate_limit,
         log_format=log_format,
         balancing=balancing,
+        ejection_seconds=_float(env, "GATEWAY_EJECTION_SECONDS", 30.0, 0.1, 3600.0),
         rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
     )

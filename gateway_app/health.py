@@ -32,9 +32,9 @@ log = logging.getLogger("gateway.health")
 
 #: Consecutive failures that eject an instance.
 EJECT_AFTER = 5
-#: First ejection, and the cap on the doubling.
+#: First ejection, and the cap on the doubling (as multiples of it: 30 s up to 300 s).
 BASE_EJECTION = 30.0
-MAX_EJECTION = 300.0
+MAX_EJECTION_FACTOR = 10
 #: Upstream statuses that count as failures of the instance.
 FAILURE_STATUSES = frozenset({502, 503, 504})
 #: Probes in flight at once, per process.
@@ -81,9 +81,10 @@ class InstanceHealth:
 class HealthTracker:
     """Per-process health of every instance, and the bookkeeping around each request."""
 
-    def __init__(self) -> None:
+    def __init__(self, ejection_seconds: float = BASE_EJECTION) -> None:
         self._lock = threading.Lock()
         self._entries: dict[tuple[str, str], InstanceHealth] = {}
+        self.ejection_seconds = ejection_seconds
 
     def get(self, service: str, instance_id: str) -> InstanceHealth:
         key = (service, instance_id)
@@ -119,7 +120,8 @@ class HealthTracker:
             health.consecutive_failures += 1
             if health.consecutive_failures < EJECT_AFTER or health.ejected_until > now:
                 return
-            seconds = min(MAX_EJECTION, BASE_EJECTION * 2 ** health.ejections)
+            base = self.ejection_seconds
+            seconds = min(base * MAX_EJECTION_FACTOR, base * 2 ** health.ejections)
             health.ejections += 1
             health.ejected_until = now + seconds
             health.consecutive_failures = 0
@@ -135,6 +137,7 @@ class HealthTracker:
             if ok:
                 health.check_passes += 1
                 health.check_failures = 0
+                health.ejected_until = 0.0  # a passing check lifts a passive ejection (Envoy)
                 # the first pass admits a new instance; a failed one needs healthy_threshold
                 if not health.checked or health.check_passes >= check["healthy_threshold"]:
                     health.check_ok = True

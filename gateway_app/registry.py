@@ -216,12 +216,12 @@ class Registry:
     """Readers get :meth:`snapshot`; writers go through the methods below, one at a time."""
 
     def __init__(self, store: Store, refresh_interval: float = 0.1,
-                 default_strategy: str = "round_robin") -> None:
+                 default_strategy: str = "round_robin", ejection_seconds: float = 30.0) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
         self.default_strategy = default_strategy
         #: This process's view of every instance's health, kept across snapshots.
-        self.health = HealthTracker()
+        self.health = HealthTracker(ejection_seconds)
         self._write_lock = threading.Lock()
         self._snapshot = EMPTY
         self._watching = False

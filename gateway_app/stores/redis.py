@@ -258,7 +258,7 @@ class RedisURL:
     socket_connect_timeout: float
     rate_limit_timeout: float
     #: For ``redis``/``rediss``: the URL handed to redis-py (our own options removed).
-    url: str = ""
+    url: str = field(default="", repr=False)
     #: For ``redis+sentinel``.
     sentinels: tuple[tuple[str, int], ...] = ()
     service_name: str = ""
