@@ -63,12 +63,6 @@ class InstanceHealth:
         self.probing = False
         self.last_success = 0.0
 
-    def available(self, now: float, actively_checked: bool) -> bool:
-        """May take traffic: not ejected, and passing its active check if it has one."""
-        if self.ejected_until > now:
-            return False
-        return self.check_ok if actively_checked else True
-
     def to_dict(self, now: float) -> dict[str, Any]:
         return {
             "consecutive_failures": self.consecutive_failures,

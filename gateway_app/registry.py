@@ -126,21 +126,20 @@ class Service:
     def choose(self, now: float, exclude: frozenset[str] = frozenset()) -> Instance | None:
         """An instance for the next request, ``None`` when none can take it.
 
-        Instances whose lease lapsed, that drain, are ejected, or fail their active check are
-        passed over, unless that leaves fewer than half of the live ones: then (the panic
-        threshold) every live instance is used rather than none. ``exclude`` names instances a
-        retry must avoid.
+        Instances whose lease lapsed, that drain, or that do not pass their active check get
+        nothing. Ejected ones (passive health) are passed over too, unless that leaves fewer
+        than half of the others: then (the panic threshold) all of them are used rather than
+        none. ``exclude`` names instances a retry must avoid.
         """
         instances = self.instances
         checked = self.health_check is not None
         if len(instances) == 1 and not exclude:
-            # alone, it is used even when ejected (the panic rule), once it is proven
-            only = instances[0]
-            return only if only.live(now) and (not checked or only.health.checked) else None
-        live = [i for i in instances if i.live(now)]
-        ready = [i for i in live if i.health.available(now, checked)]
-        if 2 * len(ready) < len(live):  # panic: most are out; spread over all but the unproven
-            ready = [i for i in live if not checked or i.health.checked]
+            only = instances[0]  # alone, it is used even when ejected: the panic rule
+            return only if only.live(now) and (not checked or only.health.check_ok) else None
+        live = [i for i in instances if i.live(now) and (not checked or i.health.check_ok)]
+        ready = [i for i in live if i.health.ejected_until <= now]
+        if 2 * len(ready) < len(live):  # panic: most are ejected; spread over all of them
+            ready = live
         if exclude:
             ready = [i for i in ready if i.id not in exclude]
         if not ready:

@@ -18,8 +18,9 @@ MAX_RETRIES = 2
 #: Request bodies up to this size are kept in memory so they can be replayed.
 REPLAYABLE_BODY_BYTES = 64 * 1024
 BUDGET_RATIO = 0.2
-#: Retries always allowed per window, so a quiet gateway can still retry at all.
-BUDGET_MINIMUM = 3
+#: Retries always allowed per window, so a quiet gateway can still retry around the five
+#: failures that eject an instance.
+BUDGET_MINIMUM = 5
 BUDGET_WINDOW = 10.0
 
 
@@ -41,7 +42,9 @@ class RetryBudget:
             self._started, self._requests, self._retries = now, 0, 0
 
     def request(self) -> None:
-        self._requests += 1  # a lost increment under a race only makes the budget stricter
+        with self._lock:
+            self._roll(time.monotonic())
+            self._requests += 1
 
     def try_retry(self) -> bool:
         with self._lock:

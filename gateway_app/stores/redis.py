@@ -306,7 +306,8 @@ def parse_url(url: str) -> RedisURL:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "redis+sentinel"):
-        raise ValueError(f"expected redis://, rediss:// or redis+sentinel://, got {url!r}")
+        raise ValueError("expected redis://, rediss:// or redis+sentinel://,"
+                         f" got {_redact(url)!r}")
     if parts.fragment:
         raise ValueError("a Redis URL takes no #fragment")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
@@ -345,7 +346,7 @@ def parse_url(url: str) -> RedisURL:
 
     if not hosts:
         raise ValueError(f"missing host in {_redact(url)!r}")
-    host, port = _host_port(hosts, 6379)
+    _host_port(hosts, 6379)  # checked here; redis-py parses it again
     path = parts.path.strip("/")
     db = _db(options.get("db", path or "0"))
     clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(options), ""))
