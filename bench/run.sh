@@ -10,7 +10,9 @@
 # ratios, so a noisy neighbour on a shared machine skews one round, not the result.
 #
 # Env: BENCH_DURATION (default 10s) and BENCH_WARMUP (default 2s) per measured run;
-#      BENCH_ROUNDS (3); BENCH_POLICY: a JSON policy PUT for the benched service first
+#      BENCH_ROUNDS (3); BENCH_INSTANCES (1): upstream instances of the benched service (nginx
+#      listens on that many ports, each registered);
+#      BENCH_POLICY: a JSON policy PUT for the benched service first
 #      (e.g. '{"rate_limit": "1000000/second", "request_headers": {"add": {"X-A": "1"}}}');
 #      GATEWAY_WORKERS (2), GATEWAY_THREADS (16); any other GATEWAY_* (e.g. GATEWAY_STORE,
 #      GATEWAY_RATE_LIMIT) flows through to the gateway process unchanged;
@@ -24,6 +26,7 @@ BIN="$ROOT/.venv/bin"
 
 DURATION=${BENCH_DURATION:-10s}
 ROUNDS=${BENCH_ROUNDS:-3}
+INSTANCES=${BENCH_INSTANCES:-1}
 WARMUP=${BENCH_WARMUP:-2s}
 CONNECTIONS=16
 WRK_THREADS=2
@@ -124,13 +127,14 @@ wait_http() {  # wait_http <pid> <log> <url> <expect-substring>: poll up to 15 s
   return 1
 }
 
-read -r NGINX_PORT GW_PORT CEIL_PORT < <("$BIN/python" -c '
-import socket
-ss = [socket.socket() for _ in range(3)]
+read -r GW_PORT CEIL_PORT NGINX_PORT EXTRA_PORTS < <("$BIN/python" -c '
+import socket, sys
+ss = [socket.socket() for _ in range(2 + int(sys.argv[1]))]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))
-')
+' "$INSTANCES")
+read -r -a NGINX_PORTS <<<"$NGINX_PORT ${EXTRA_PORTS:-}"
 
 # --- measuring ------------------------------------------------------------------------------
 declare -A RPS P50 P99 ERR
@@ -190,7 +194,7 @@ http {
     uwsgi_temp_path $NGX/uwsgi;
     scgi_temp_path $NGX/scgi;
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+$(for port in "${NGINX_PORTS[@]}"; do echo "        listen 127.0.0.1:$port;"; done)
         default_type application/json;
         location / { return 200 '$BODY'; }
     }
@@ -225,13 +229,15 @@ if logged=$(grep -o 'gateway: store [^ ,]*' "$GW_LOG" | head -n 1) && [ -n "$log
 fi
 STORE_DESC=$(sed -E 's#//[^/@]*@#//***@#' <<<"${STORE_DESC//"$TMP"/<tmp>}")
 
-code=$(curl -s -o "$TMP/register.out" -w '%{http_code}' --max-time 5 -X POST \
-  --data "bench,http://127.0.0.1:$NGINX_PORT" "http://127.0.0.1:$GW_PORT/register_service") || true
-if [ "$code" != 201 ]; then
-  cat "$TMP/register.out" >&2 2>/dev/null || true
-  show_log "$GW_LOG"
-  die "POST /register_service answered HTTP $code, expected 201"
-fi
+for port in "${NGINX_PORTS[@]}"; do
+  code=$(curl -s -o "$TMP/register.out" -w '%{http_code}' --max-time 5 -X POST \
+    --data "bench,http://127.0.0.1:$port" "http://127.0.0.1:$GW_PORT/register_service") || true
+  if [ "$code" != 201 ]; then
+    cat "$TMP/register.out" >&2 2>/dev/null || true
+    show_log "$GW_LOG"
+    die "POST /register_service answered HTTP $code, expected 201"
+  fi
+done
 
 POLICY_DESC="none"
 if [ -n "${BENCH_POLICY:-}" ]; then
@@ -305,7 +311,7 @@ fi
 
 # --- measure: upstream once, then gateway and ceiling in alternation ---------------------------
 echo "bench: config: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC" >&2
-echo "bench: policy: $POLICY_DESC" >&2
+echo "bench: policy: $POLICY_DESC; upstream instances: $INSTANCES" >&2
 echo "bench: token: $TOKEN_SRC" >&2
 measure upstream "http://127.0.0.1:$NGINX_PORT/"
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -342,7 +348,7 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
   echo "Gateway benchmark  $(date -u '+%Y-%m-%d %H:%M:%SZ')  $(nproc) cores, loopback"
   echo "  gateway: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC"
   echo "  ceiling: $CEIL_HOW"
-  echo "  policy: $POLICY_DESC"
+  echo "  policy: $POLICY_DESC; upstream instances: $INSTANCES"
   echo "  wrk: $CONNECTIONS connections, $WRK_THREADS threads, $DURATION per run after a $WARMUP warm-up;"
   echo "       gateway and ceiling alternated over $ROUNDS rounds, medians shown"
   echo
