@@ -200,8 +200,12 @@ def proxy(name: str, rest: str | None = None) -> Response:
     if policy.transforms_response:
         response_headers = transforms.response_headers(response_headers, policy)
         if policy.json_add:
-            body_iter = transforms.json_body(upstream, response_headers, policy, request.method,
-                                             description)
+            try:
+                body_iter = transforms.json_body(upstream, response_headers, policy,
+                                                 request.method, description)
+            except GatewayError:  # the upstream failed mid-body, before any header went out
+                finished()
+                raise
     if body_iter is None:
         body_iter = stream_body(upstream, description)
     # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
