@@ -18,10 +18,9 @@ UPSTREAM = "http://upstream.test:9000"
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add(responses.GET, f"{UPSTREAM}/", json={"ok": True})
-        yield mock
+def upstream(upstream):
+    upstream.add(responses.GET, f"{UPSTREAM}/", json={"ok": True})
+    return upstream
 
 
 @pytest.fixture

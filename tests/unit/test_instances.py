@@ -16,12 +16,6 @@ from tests.support import wait_for
 A, B, C = "http://a.test:1", "http://b.test:2", "http://c.test:3"
 
 
-@pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def gateway(make_app, addresses=(A, B, C), weights=None, policy=None, **env):
     app = make_app(**env)
     client = app.test_client()

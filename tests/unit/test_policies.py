@@ -16,12 +16,6 @@ SEED_POLICY = {
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
 def client(make_app):
     client = make_app().test_client()
     client.post("/register_service", data=f"svc,{UPSTREAM}")

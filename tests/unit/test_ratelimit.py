@@ -13,10 +13,9 @@ UPSTREAM = "http://upstream.test:9000"
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        mock.add(responses.GET, responses.matchers.re.compile(f"{UPSTREAM}.*"), body="ok")
-        yield mock
+def upstream(upstream):
+    upstream.add(responses.GET, responses.matchers.re.compile(f"{UPSTREAM}.*"), body="ok")
+    return upstream
 
 
 def gateway(make_app, **env):
