@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import make_token
-from tests.support import RawServer, UpstreamServer, raw_request
+from tests.support import RawServer, UpstreamServer, raw_request, wait_for
 
 
 @pytest.fixture
@@ -285,3 +285,22 @@ def test_https_upstream_is_verified(start_gateway, tmp_path, auth):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_client_hanging_up_mid_body_releases_the_upstream(start_gateway, upstream, auth):
+    gateway = start_gateway(GATEWAY_WORKERS=1)
+    gateway.register("big", upstream.address)
+    gateway.wait_routable("/big/big/10", auth)
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    conn.request("GET", "/big/big/200000000", headers=auth)
+    response = conn.getresponse()
+    assert response.read(65536)
+    in_flight = requests.get(gateway.url + "/_gateway/services/big", timeout=5).json()
+    assert in_flight["instances"][0]["in_flight"] == 1
+    conn.close()  # the client goes away with most of the body unread
+
+    def released():
+        listing = requests.get(gateway.url + "/_gateway/services/big", timeout=5).json()
+        return listing["instances"][0]["in_flight"] == 0
+
+    wait_for(released, timeout=10, what="the upstream call to be closed")
