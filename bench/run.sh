@@ -216,6 +216,11 @@ print("".join(secrets.choice(a) for _ in range(48)))')
 export GATEWAY_WORKERS="$WORKERS" GATEWAY_THREADS="$THREADS" GATEWAY_JWT_SECRET="$JWT_SECRET"
 unset GATEWAY_JWT_SECRET_FILE  # the gateway refuses both; the bench mints with its own secret
 STORE_DESC=${GATEWAY_STORE:-"default (SQLite in a temp data dir)"}
+case "${GATEWAY_STORE:-}" in
+  redis*)  # keys of this run under a prefix of its own, so runs never see each other's
+    sep='?'; [[ $GATEWAY_STORE == *\?* ]] && sep='&'
+    export GATEWAY_STORE="${GATEWAY_STORE}${sep}prefix=bench-$$-$RANDOM:" ;;
+esac
 
 GW_LOG="$TMP/gateway.log"
 spawn "$GW_LOG" env GATEWAY_BIND="127.0.0.1:$GW_PORT" GATEWAY_DATA_DIR="$GW_DATA" \

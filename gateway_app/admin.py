@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
@@ -95,7 +94,7 @@ def _parse_body(text: str) -> dict[str, Any] | tuple[str, str | None]:
 
 
 def _instance_json(record: InstanceRecord) -> dict[str, Any]:
-    return Instance(record).to_dict(time.time())
+    return Instance(record).to_dict(current_app.extensions["gateway"].registry.now())
 
 
 # -- the seed's endpoints ------------------------------------------------------------------
@@ -152,17 +151,19 @@ def health() -> Response:
 
 @bp.get("/_gateway/services")
 def list_services() -> Response:
-    snapshot = current_app.extensions["gateway"].registry.current()
-    now = time.time()
+    registry = current_app.extensions["gateway"].registry
+    snapshot = registry.current()
+    now = registry.now()
     return jsonify(services=[snapshot.services[n].to_dict(now) for n in sorted(snapshot.services)])
 
 
 @bp.get("/_gateway/services/<name>")
 def get_service(name: str) -> Response:
-    service = current_app.extensions["gateway"].registry.current().services.get(name)
+    registry = current_app.extensions["gateway"].registry
+    service = registry.current().services.get(name)
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
-    return jsonify(service.to_dict(time.time()))
+    return jsonify(service.to_dict(registry.now()))
 
 
 @bp.delete("/_gateway/services/<name>")

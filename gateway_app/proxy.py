@@ -237,7 +237,7 @@ def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
     failure: GatewayError | None = None
     gw.retries.request()
     while True:
-        instance = service.choose(time.time(), frozenset(tried))
+        instance = service.choose(gw.registry.now(), frozenset(tried))
         if instance is None:
             if failure is not None:
                 raise failure

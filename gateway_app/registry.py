@@ -226,13 +226,27 @@ class Registry:
         self._watching = False
         self._stop = threading.Event()
         self._last_error_log = 0.0
+        #: The store's clock minus ours, from the last load (leases run on the store's clock).
+        self._clock_offset = 0.0
+        #: When the store stopped answering (``None`` while it answers): leases do not lapse
+        #: during an outage, since their heartbeats cannot get through either.
+        self._down_since: float | None = None
         # A forked child must start its own watcher: threads do not survive fork.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _forget_watcher(ref))
-        self.reload()
+        try:
+            self.reload()
+        except StoreUnavailable as exc:  # start anyway; the watcher loads it when it answers
+            self._down_since = time.time()
+            log.warning("starting with an empty registry: %s", exc.description)
         self._start_watcher()
 
     # -- readers ---------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The time leases are judged by: the store's clock, frozen while the store is down."""
+        down_since = self._down_since
+        return (time.time() if down_since is None else down_since) + self._clock_offset
 
     def snapshot(self) -> Snapshot:
         """The current snapshot. No lock, no I/O."""
@@ -259,6 +273,7 @@ class Registry:
 
     def _reload_locked(self) -> Snapshot:
         state = self._call(self.store.load)
+        self._clock_offset = state.now - time.time()
         if state.version != self._snapshot.version:
             self._snapshot = Snapshot.from_state(state, self.health, self.default_strategy)
         return self._snapshot
@@ -281,21 +296,31 @@ class Registry:
             self.store.wait_for_change(self.refresh_interval, self._stop)
             if self._stop.is_set():
                 return
-            try:
-                self.refresh()
-            except StoreUnavailable as exc:
-                now = time.monotonic()
-                if now - self._last_error_log > 30:
-                    self._last_error_log = now
-                    log.warning("registry refresh failed, serving the last snapshot: %s",
-                                exc.description)
+            self.watch_step()
+
+    def watch_step(self) -> None:
+        """Refresh, noting when the store stops and starts answering."""
+        try:
+            self.refresh()
+        except StoreUnavailable as exc:
+            if self._down_since is None:
+                self._down_since = time.time()
+            now = time.monotonic()
+            if now - self._last_error_log > 30:
+                self._last_error_log = now
+                log.warning("registry refresh failed, serving the last snapshot: %s",
+                            exc.description)
+            return
+        if self._down_since is not None:
+            self._down_since = None
+            log.warning("the registry store answers again")
 
     def refresh(self) -> None:
         """One watcher step: reload if another process wrote; purge lapsed leases when due."""
         snap = self._snapshot
         if self._call(self.store.version) != snap.version:
             self.reload()
-        elif snap.next_expiry is not None and time.time() >= snap.next_expiry:
+        elif snap.next_expiry is not None and self.now() >= snap.next_expiry:
             with self._write_lock:
                 self._call(self.store.purge_expired)
                 self._reload_locked()

@@ -100,12 +100,19 @@ class Gateway:
     def stop(self, graceful: bool = False) -> None:
         """SIGTERM (graceful: in-flight requests finish) or SIGQUIT (quick) the gateway."""
         if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+            # The master alone: it passes the signal on to its workers (a worker signalled
+            # twice can deadlock in gthread's shutdown).
+            os.kill(self.proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc:
+            try:  # nothing of it may outlive the test
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._close_log()
 
     def kill9(self) -> None:
