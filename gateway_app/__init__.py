@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g
 
 from . import accesslog
 from .auth import TokenVerifier, load_public_key
-from .clients import client_address
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
 from .forwarding import Forwarder
@@ -104,46 +102,19 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     from . import admin, proxy
 
-    accesslog.configure()
-    log_format = settings.log_format
-
     @app.before_request
-    def start_request() -> None:
-        g.start = time.perf_counter()
+    def assign_request_id() -> None:
         g.request_id = proxy.request_id()
 
     @app.after_request
-    def finish_response(response: Response) -> Response:
+    def add_gateway_headers(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
-        extra = g.get("extra_headers")
+        extra = g.get("extra_headers")  # the rate limit's, on every proxied response
         if extra:
             response.headers.update(extra)
-        environ = request.environ
-        record = {
-            "start": g.start, "request_id": g.request_id,
-            "client": client_address(environ, settings.trusted_proxies),
-            "method": environ.get("REQUEST_METHOD"),
-            "path": (environ.get("RAW_URI") or environ.get("PATH_INFO", "")).partition("?")[0],
-            "service": g.get("service_name"), "instance": getattr(g.get("instance"), "id", None),
-            "status": response.status_code, "upstream_ms": g.get("upstream_ms"),
-        }
-        if response.is_streamed:
-            # A streamed body is handed to the server as it is (direct passthrough): the line
-            # is written when the server closes it, with the bytes that really went out.
-            def streamed_line() -> None:
-                record["bytes"] = counter.sent
-                accesslog.emit(record, log_format)
-
-            counter = accesslog.CountingIterator(response.response, streamed_line)
-            response.response = counter
-        else:
-            def buffered_line() -> None:
-                record["bytes"] = response.content_length or 0
-                accesslog.emit(record, log_format)
-
-            response.call_on_close(buffered_line)
         return response
 
+    accesslog.init_app(app, settings)
     app.register_blueprint(admin.bp)
     app.register_blueprint(proxy.bp)
     register_error_handlers(app)

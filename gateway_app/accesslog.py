@@ -17,7 +17,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from flask import Flask, Response, g, request
+
+from .clients import client_address
 from .clock import rfc3339
+from .config import Settings
 
 log = logging.getLogger("gateway.access")
 
@@ -94,3 +98,42 @@ def emit(record: dict[str, Any], log_format: str) -> None:
             fields["instance"] or "-", fields["status"], fields["bytes"], fields["total_ms"],
             "-" if fields["upstream_ms"] is None else fields["upstream_ms"],
         )
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Log every request of ``app``: the line is written when its response is closed."""
+    configure()
+    log_format = settings.log_format
+    trusted = settings.trusted_proxies
+
+    @app.before_request
+    def start_clock() -> None:
+        g.start = time.perf_counter()
+
+    @app.after_request
+    def log_when_closed(response: Response) -> Response:
+        environ = request.environ
+        record = {
+            "start": g.start, "request_id": g.get("request_id"),
+            "client": client_address(environ, trusted),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": (environ.get("RAW_URI") or environ.get("PATH_INFO", "")).partition("?")[0],
+            "service": g.get("service_name"), "instance": getattr(g.get("instance"), "id", None),
+            "status": response.status_code, "upstream_ms": g.get("upstream_ms"),
+        }
+        if response.is_streamed:
+            # A streamed body is handed to the server as it is (direct passthrough): the line
+            # is written when the server closes it, with the bytes that really went out.
+            def streamed_line() -> None:
+                record["bytes"] = counter.sent
+                emit(record, log_format)
+
+            counter = CountingIterator(response.response, streamed_line)
+            response.response = counter
+        else:
+            def buffered_line() -> None:
+                record["bytes"] = response.content_length or 0
+                emit(record, log_format)
+
+            response.call_on_close(buffered_line)
+        return response
