@@ -28,6 +28,7 @@ test: $(TSTAMP)
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check gateway_app tests examples bench wsgi.py gunicorn.conf.py
+	$(BIN)/mypy gateway_app
 
 demo: $(STAMP)
 	bash examples/demo.sh

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
@@ -175,7 +175,7 @@ def delete_service(name: str) -> Response:
     return jsonify(name=name, instances=[_instance_json(r) for r in removed])
 
 
-def _raise_missing(name: str) -> None:
+def _raise_missing(name: str) -> NoReturn:
     if name in current_app.extensions["gateway"].registry.current().services:
         raise InstanceNotFound(f"service {name!r} has no such instance")
     raise ServiceNotFound(f"no service named {name!r}")

@@ -84,12 +84,12 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
         alg = header.get("alg")
-        key = self._keys.get(alg) if isinstance(alg, str) else None
-        if key is None:
+        if not isinstance(alg, str) or alg not in self._keys:
             raise InvalidToken("token algorithm not allowed")
         try:
             claims = jwt.decode(
-                token, key, algorithms=[alg], options=self._options,  # type: ignore[arg-type]
+                token, self._keys[alg], algorithms=[alg],
+                options=self._options,  # type: ignore[arg-type]
                 audience=self.audience, issuer=self.issuer, leeway=self.leeway,
             )
         except jwt.PyJWTError as exc:
