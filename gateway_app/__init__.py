@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -102,19 +103,22 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     from . import admin, proxy
 
+    log_line = accesslog.line_writer(settings)
+
+    # One hook each way (Flask checks every hook function for being a coroutine, per request).
     @app.before_request
-    def assign_request_id() -> None:
+    def start_request() -> None:
+        g.start = time.perf_counter()
         g.request_id = proxy.request_id()
 
     @app.after_request
-    def add_gateway_headers(response: Response) -> Response:
+    def finish_response(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
         extra = g.get("extra_headers")  # the rate limit's, on every proxied response
         if extra:
             response.headers.update(extra)
-        return response
+        return log_line(response)
 
-    accesslog.init_app(app, settings)
     app.register_blueprint(admin.bp)
     app.register_blueprint(proxy.bp)
     register_error_handlers(app)

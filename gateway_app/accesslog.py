@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Response, g, request
 
 from .clients import client_address
 from .clock import rfc3339
@@ -100,26 +100,24 @@ def emit(record: dict[str, Any], log_format: str) -> None:
         )
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Log every request of ``app``: the line is written when its response is closed."""
+def line_writer(settings: Settings) -> Callable[[Response], Response]:
+    """A function that arranges for a response's access line to be written when it closes
+    (call it from an ``after_request`` hook; ``g.start`` must hold the request's start)."""
     configure()
     log_format = settings.log_format
     trusted = settings.trusted_proxies
 
-    @app.before_request
-    def start_clock() -> None:
-        g.start = time.perf_counter()
-
-    @app.after_request
     def log_when_closed(response: Response) -> Response:
         environ = request.environ
+        ctx = g._get_current_object()  # type: ignore[attr-defined]
         record = {
-            "start": g.start, "request_id": g.get("request_id"),
+            "start": ctx.start, "request_id": ctx.request_id,
             "client": client_address(environ, trusted),
             "method": environ.get("REQUEST_METHOD"),
             "path": (environ.get("RAW_URI") or environ.get("PATH_INFO", "")).partition("?")[0],
-            "service": g.get("service_name"), "instance": getattr(g.get("instance"), "id", None),
-            "status": response.status_code, "upstream_ms": g.get("upstream_ms"),
+            "service": ctx.get("service_name"),
+            "instance": getattr(ctx.get("instance"), "id", None),
+            "status": response.status_code, "upstream_ms": ctx.get("upstream_ms"),
         }
         if response.is_streamed:
             # A streamed body is handed to the server as it is (direct passthrough): the line
@@ -137,3 +135,5 @@ def init_app(app: Flask, settings: Settings) -> None:
 
             response.call_on_close(buffered_line)
         return response
+
+    return log_when_closed

@@ -171,11 +171,7 @@ def require_jwt(view: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not g.get("public"):
-            try:
-                g.claims = check_request()
-            except Unauthorized:
-                g.auth_failed = True  # counted against the client address by the rate limit
-                raise
+            g.claims = check_request()
         return view(*args, **kwargs)
 
     return wrapper
