@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Default seconds to wait for an upstream to accept a connection.
@@ -101,7 +101,6 @@ class Settings:
     rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
     refresh_interval: float = 0.1
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def uses_hmac(self) -> bool:
