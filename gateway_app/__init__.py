@@ -45,6 +45,7 @@ class GatewayState:
     checker: ActiveChecker
 
     def close(self) -> None:
+        accesslog.flush()
         self.checker.stop()
         self.registry.close()
         self.forwarder.close()
