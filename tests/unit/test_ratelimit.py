@@ -135,3 +135,29 @@ def test_access_log_lines(make_app, upstream):
                 assert '"GET /svc/path" svc' in line and " 200 2 " in line
     finally:
         access.removeHandler(handler)
+
+
+def test_access_lines_are_buffered_then_written_in_order():
+    import io
+
+    from gateway_app.accesslog import BufferedLineHandler
+    from tests.support import wait_for
+
+    stream = io.StringIO()
+    handler = BufferedLineHandler(stream, interval=3600, max_lines=3)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.buffered")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        logger.warning("one")
+        logger.warning("two")
+        assert stream.getvalue() == ""  # not yet: buffered
+        logger.warning("three")  # the buffer is full: the writer thread is woken
+        wait_for(lambda: stream.getvalue() == "one\ntwo\nthree\n", timeout=2,
+                 what="the writer thread")
+        logger.warning("four")
+        handler.flush()  # what a worker on its way out does
+        assert stream.getvalue().endswith("three\nfour\n")
+    finally:
+        logger.removeHandler(handler)
