@@ -57,6 +57,17 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture
+def space():
+    """A key prefix of its own in the shared Redis on 127.0.0.1:6379, removed after the test."""
+    from tests.redis_support import SharedPrefix, require_shared_redis
+
+    require_shared_redis()
+    shared = SharedPrefix()
+    yield shared
+    shared.cleanup()
+
+
 def make_token(sub: str = "alice", secret: str = SECRET, algorithm: str = "HS256",
                ttl: float = 300, **claims) -> str:
     now = int(time.time())

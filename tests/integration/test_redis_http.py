@@ -15,16 +15,8 @@ import pytest
 import requests
 
 from tests.conftest import make_token
-from tests.redis_support import RedisServer, SharedPrefix, require_shared_redis
+from tests.redis_support import RedisServer
 from tests.support import wait_for
-
-
-@pytest.fixture
-def space():
-    require_shared_redis()
-    shared = SharedPrefix()
-    yield shared
-    shared.cleanup()
 
 
 @pytest.fixture

@@ -18,22 +18,12 @@ from gateway_app.stores.redis import RedisLimiter, RedisStore, parse_url
 from tests.conftest import SECRET, make_token
 from tests.redis_support import (
     RedisServer,
-    SharedPrefix,
     SilentServer,
     require_redis_server,
-    require_shared_redis,
 )
 from tests.support import free_port, wait_for
 
 CLOSED = "redis://127.0.0.1:{port}/0?socket_timeout=0.5"
-
-
-@pytest.fixture
-def space():
-    require_shared_redis()
-    shared = SharedPrefix()
-    yield shared
-    shared.cleanup()
 
 
 @pytest.fixture
