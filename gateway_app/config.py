@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Default seconds to wait for an upstream to accept a connection.
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -120,30 +121,28 @@ def _get(env: Mapping[str, object], key: str) -> str | None:
     return text or None
 
 
-def _int(env: Mapping[str, object], key: str, default: int, low: int, high: int) -> int:
+def _number(env: Mapping[str, object], key: str, default: float, low: float, high: float,
+            kind: type = float) -> Any:
+    """``key`` as ``kind`` (int or float) within ``low``..``high``, or ``default`` when unset."""
     text = _get(env, key)
     if text is None:
         return default
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise ConfigError(f"{key}: expected a whole number, got {text!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{key}: must be between {low} and {high}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:
-    text = _get(env, key)
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{key}: expected a number of seconds, got {text!r}") from None
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise ConfigError(f"{key}: expected {what}, got {text!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{key}: must be between {low} and {high}, got {text}")
     return value
+
+
+def _int(env: Mapping[str, object], key: str, default: int, low: int, high: int) -> int:
+    return int(_number(env, key, default, low, high, int))
+
+
+def _float(env: Mapping[str, object], key: str, default: float, low: float, high: float) -> float:
+    return float(_number(env, key, default, low, high, float))
 
 
 def _networks(env: Mapping[str, object], key: str, default: str):

@@ -45,11 +45,13 @@ GATEWAY_OWNED = frozenset({
 })
 
 
-def connection_tokens(value: str | None) -> frozenset[str]:
-    """Header names listed in a ``Connection`` header, lower-cased."""
-    if not value:
-        return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+def dropped_headers(base: frozenset[str], connection: str | None) -> frozenset[str]:
+    """``base`` plus the header names a ``Connection`` header lists (lower-cased); ``base``
+    itself, with nothing allocated, in the usual case of no tokens beyond it."""
+    if not connection:
+        return base
+    tokens = {t.strip().lower() for t in connection.split(",")} - {""}
+    return base if tokens <= base else base | tokens
 
 
 class UpstreamRequest(requests.PreparedRequest):

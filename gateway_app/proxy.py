@@ -39,7 +39,7 @@ from .forwarding import (
     GATEWAY_OWNED,
     HOP_BY_HOP,
     BodyReader,
-    connection_tokens,
+    dropped_headers,
     release,
     stream_body,
 )
@@ -311,7 +311,7 @@ def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | Non
 
 def _upstream_headers(environ: dict[str, Any], instance: Any, name: str,
                       trusted: Any) -> dict[str, str]:
-    dropped = _DROPPED | connection_tokens(environ.get("HTTP_CONNECTION"))
+    dropped = dropped_headers(_DROPPED, environ.get("HTTP_CONNECTION"))
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -342,5 +342,5 @@ def _upstream_headers(environ: dict[str, Any], instance: Any, name: str,
 
 
 def _response_headers(upstream_headers: Any) -> list[tuple[str, str]]:
-    dropped = HOP_BY_HOP | connection_tokens(upstream_headers.get("Connection"))
+    dropped = dropped_headers(HOP_BY_HOP, upstream_headers.get("Connection"))
     return [(k, v) for k, v in upstream_headers.items() if k.lower() not in dropped]
