@@ -1,0 +1,106 @@
+"""Reading upstream responses: the header parser and a real socket through the Forwarder."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import random
+import socket
+import threading
+
+import pytest
+
+from gateway_app.forwarding import Forwarder, parse_headers, release, stream_body
+
+BLOCKS = [
+    b"Server: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n",
+    b"X-A:  spaced value  \r\nX-Empty:\r\nX-Tab:\tv\r\nX-Colons: a:b:c\r\n\r\n",
+    b"A: 1\nB: 2\n\n",  # bare LF
+    b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",  # repeated names keep their order
+    b"A: caf\xc3\xa9\r\n\r\n",  # bytes above ASCII, taken as latin-1
+    b"\r\n",
+    b"A: 1\r\n folded\r\n\r\n",  # obsolete line folding
+    b"A: 1\r\nBad Name: x\r\nC: 3\r\n\r\n",  # not a header name: the rest is a body (a defect)
+    b"A: 1\r\nB: x\ry\r\n\r\n",  # a stray CR splits the line, for the email parser
+    b"A: 1 \r\r\nB: 2\r\n\r\n",  # ... and one before CRLF ends the block
+    b"A: 1\r\n",  # no blank line before the end
+    b"",
+    b":x\r\n\r\n",
+    b"NoColon\r\n\r\n",
+    b"From nobody\r\nA: 1\r\n\r\n",
+]
+
+
+def summary(message: http.client.HTTPMessage) -> tuple:
+    return (message.items(), [type(d) for d in message.defects], message.get_payload(),
+            message.get_unixfrom())
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_header_blocks_parse_as_http_client_parses_them(block):
+    assert summary(parse_headers(io.BytesIO(block))) == \
+        summary(http.client.parse_headers(io.BytesIO(block)))
+
+
+def test_random_header_blocks_parse_as_http_client_parses_them():
+    pieces = [b"A", b"x-y", b":", b": ", b" ", b"\t", b"\r", b"\n", b"\r\n", b"v", b"\xe9",
+              b"From ", b"\x00", b"@", b"1"]
+    rng = random.Random(20261128)
+    for _ in range(3000):
+        block = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 24))) + b"\r\n\r\n"
+        assert summary(parse_headers(io.BytesIO(block))) == \
+            summary(http.client.parse_headers(io.BytesIO(block))), block
+
+
+def test_header_block_bounds_are_http_clients():
+    with pytest.raises(http.client.LineTooLong):
+        parse_headers(io.BytesIO(b"A: " + b"x" * 70000 + b"\r\n\r\n"))
+    with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
+        parse_headers(io.BytesIO(b"A: 1\r\n" * 101 + b"\r\n"))
+
+
+class Instance:
+    scheme, host, service, id, base_path = "http", "127.0.0.1", "svc", "i1", ""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.origin = f"http://127.0.0.1:{port}"
+
+
+def test_forwarder_reads_real_responses_with_plain_and_folded_headers():
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Plain: yes\r\nContent-Length: 5\r\n"
+        b"\r\nhello",
+        b"HTTP/1.1 201 Created\r\nX-Folded: one\r\n two\r\nContent-Length: 2\r\n\r\nok",
+    ]
+    server = socket.create_server(("127.0.0.1", 0))
+    requests_seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = server.accept()  # one keep-alive connection for both answers
+        with conn:
+            for answer in answers:
+                requests_seen.append(conn.recv(65536))
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    forwarder = Forwarder(pool_size=2)
+    instance = Instance(server.getsockname()[1])
+    try:
+        first = forwarder.send(instance, "GET", "/a%2fb?q=1", {"Host": "x"}, None, 2, 5)
+        assert first.status_code == 200
+        assert first.headers["X-Plain"] == "yes"
+        assert b"".join(stream_body(first, "svc")) == b"hello"
+        release(first)
+
+        second = forwarder.send(instance, "GET", "/", {"Host": "x"}, None, 2, 5)
+        assert second.status_code == 201
+        assert second.headers["X-Folded"] == "one two"  # unfolded, as urllib3 always did
+        assert b"".join(stream_body(second, "svc")) == b"ok"
+        release(second)
+    finally:
+        forwarder.close()
+        server.close()
+    thread.join(5)
+    assert requests_seen[0].startswith(b"GET /a%2fb?q=1 HTTP/1.1\r\n")
