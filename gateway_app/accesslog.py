@@ -43,12 +43,20 @@ class CountingIterator:
             yield chunk
 
     def close(self) -> None:
+        iterable, on_close = self._iterable, self._on_close
+        # Dropped here, so the iterator, its callback and the response they point at are
+        # freed at once, not left in a reference cycle for the garbage collector.
+        self._iterable = self._on_close = _nothing
         try:
-            close = getattr(self._iterable, "close", None)
+            close = getattr(iterable, "close", None)
             if close is not None:
                 close()
         finally:
-            self._on_close()
+            on_close()
+
+
+def _nothing() -> None:
+    pass
 
 
 class BufferedLineHandler(logging.Handler):
@@ -71,7 +79,11 @@ class BufferedLineHandler(logging.Handler):
         threading.Thread(target=self._run, name="access-log-writer", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._lines.append(self.format(record))  # deque.append is thread-safe
+        self.add(self.format(record))
+
+    def add(self, line: str) -> None:
+        """Buffer one formatted line."""
+        self._lines.append(line)  # deque.append is thread-safe
         if len(self._lines) >= self._max_lines:
             self._wake.set()
 
@@ -94,8 +106,14 @@ class BufferedLineHandler(logging.Handler):
                 self._stream.flush()
 
 
+#: The handler :func:`configure` installed; while it is the logger's only handler, lines go
+#: straight to it (see :func:`_write`).
+_own_handler: BufferedLineHandler | None = None
+
+
 def configure() -> None:
     """Send access lines to stdout, one per line, unless the application set up handlers."""
+    global _own_handler
     if log.handlers:
         return
     handler = BufferedLineHandler(sys.stdout)
@@ -104,6 +122,18 @@ def configure() -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    _own_handler = handler
+
+
+def _write(line: str) -> None:
+    """One line to the access logger. To our own handler alone, it is added directly: the
+    same line, without a LogRecord (with its clock reads, getpid and caller lookup) per request.
+    Any other setup (handlers, filters of the application's) gets a normal record."""
+    handler = _own_handler
+    if handler is not None and log.handlers == [handler] and not log.filters:
+        handler.add(line)
+    else:
+        log.info("%s", line)
 
 
 def flush() -> None:
@@ -132,14 +162,13 @@ def emit(record: dict[str, Any], log_format: str) -> None:
                         if record.get("upstream_ms") is not None else None),
     }
     if log_format == "json":
-        log.info(json.dumps(fields, separators=(",", ":")))
+        _write(json.dumps(fields, separators=(",", ":")))
     else:
-        log.info(
-            '%s %s %s "%s %s" %s %s %s %s %s %s', fields["time"], fields["request_id"],
-            fields["client"], fields["method"], fields["path"], fields["service"] or "-",
-            fields["instance"] or "-", fields["status"], fields["bytes"], fields["total_ms"],
-            "-" if fields["upstream_ms"] is None else fields["upstream_ms"],
-        )
+        f = fields
+        upstream_ms = "-" if f["upstream_ms"] is None else f["upstream_ms"]
+        _write(f'{f["time"]} {f["request_id"]} {f["client"]} "{f["method"]} {f["path"]}" '
+               f'{f["service"] or "-"} {f["instance"] or "-"} {f["status"]} {f["bytes"]} '
+               f'{f["total_ms"]} {upstream_ms}')
 
 
 def line_writer(settings: Settings) -> Callable[[Response], Response]:
@@ -171,11 +200,8 @@ def line_writer(settings: Settings) -> Callable[[Response], Response]:
             counter = CountingIterator(response.response, streamed_line)
             response.response = counter
         else:
-            def buffered_line() -> None:
-                record["bytes"] = response.content_length or 0
-                emit(record, log_format)
-
-            response.call_on_close(buffered_line)
+            record["bytes"] = response.content_length or 0  # (no reference to the response
+            response.call_on_close(lambda: emit(record, log_format))  # from its own callback)
         return response
 
     return log_when_closed
