@@ -19,7 +19,9 @@ import email.parser
 import http.client
 import logging
 import re
+import socket
 import ssl
+import struct
 import types
 from collections.abc import Iterator
 from http.cookiejar import DefaultCookiePolicy
@@ -130,8 +132,92 @@ class _UpstreamResponse(http.client.HTTPResponse):
                                {**vars(http.client), "parse_headers": parse_headers})
 
 
+def _timeval(seconds: float | None) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO; zero (the kernel's "forever") for
+    ``None``, and never zero for a (tiny) timeout."""
+    if seconds is None:
+        return struct.pack("@ll", 0, 0)
+    micros = max(1, round(seconds * 1_000_000))
+    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
+
+
+class _KernelTimedSocket(socket.socket):
+    """A blocking socket whose timeouts the kernel enforces (SO_RCVTIMEO, SO_SNDTIMEO).
+
+    A Python socket with a timeout is non-blocking underneath: every ``settimeout`` is an
+    ioctl and every send or receive a ``poll`` first, four system calls per request that
+    each let go of the GIL. Here ``settimeout`` only records the value; a receive or send
+    passes it to the kernel when it differs from the one the kernel already holds for that
+    direction (in practice once per connection: the connect timeout for sending, the read
+    timeout for receiving). A kernel timeout (EAGAIN) is raised as :class:`TimeoutError`,
+    as a Python timeout would be.
+    """
+
+    __slots__ = ("_timeout", "_recv_timeout", "_send_timeout")
+    _timeout: float | None
+    _recv_timeout: float | None
+    _send_timeout: float | None
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> _KernelTimedSocket:
+        """Take over ``sock``'s file descriptor (and its timeout)."""
+        timeout = sock.gettimeout()
+        timed = cls(sock.family, sock.type, sock.proto, sock.detach())
+        socket.socket.settimeout(timed, None)  # the descriptor itself becomes blocking
+        timed._timeout = timeout
+        timed._recv_timeout = timed._send_timeout = None
+        return timed
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def _for_receiving(self) -> None:
+        if self._recv_timeout != self._timeout:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
+            self._recv_timeout = self._timeout
+
+    def _for_sending(self) -> None:
+        if self._send_timeout != self._timeout:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
+            self._send_timeout = self._timeout
+
+    def recv_into(self, *args: Any) -> int:
+        self._for_receiving()
+        try:
+            return super().recv_into(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def recv(self, *args: Any) -> bytes:
+        self._for_receiving()
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def send(self, *args: Any) -> int:
+        self._for_sending()
+        try:
+            return super().send(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+    def sendall(self, *args: Any) -> None:
+        self._for_sending()
+        try:
+            super().sendall(*args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
+
+
 class _HTTPConnection(HTTPConnection):
     response_class = _UpstreamResponse
+
+    def _new_conn(self) -> socket.socket:
+        return _KernelTimedSocket.adopt(super()._new_conn())
 
 
 class _HTTPSConnection(HTTPSConnection):

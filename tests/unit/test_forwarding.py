@@ -7,10 +7,18 @@ import io
 import random
 import socket
 import threading
+import time
 
 import pytest
 
-from gateway_app.forwarding import Forwarder, parse_headers, release, stream_body
+from gateway_app.errors import BadGateway, GatewayTimeout
+from gateway_app.forwarding import (
+    Forwarder,
+    UpstreamAborted,
+    parse_headers,
+    release,
+    stream_body,
+)
 
 BLOCKS = [
     b"Server: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n",
@@ -104,3 +112,102 @@ def test_forwarder_reads_real_responses_with_plain_and_folded_headers():
         server.close()
     thread.join(5)
     assert requests_seen[0].startswith(b"GET /a%2fb?q=1 HTTP/1.1\r\n")
+
+
+class ScriptedUpstream:
+    """A loopback server taking one connection and following a script: per request, after
+    reading it, sleep, then send the answer (or send nothing and wait)."""
+
+    def __init__(self, script: list[tuple[float, bytes | None]]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.script = script
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            for delay, answer in self.script:
+                conn.recv(65536)
+                if answer is None:
+                    self.done.wait(10)
+                    return
+                self.done.wait(delay)
+                conn.sendall(answer)
+            self.done.wait(10)
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.close()
+        self.thread.join(5)
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def timed_send(forwarder, instance, read_timeout: float, connect_timeout: float = 2,
+               body: bytes | None = None):
+    started = time.monotonic()
+    try:
+        response = forwarder.send(instance, "POST" if body else "GET", "/", {"Host": "x"}, body,
+                                  connect_timeout, read_timeout)
+    except Exception as exc:  # noqa: BLE001 (the test looks at what was raised)
+        return exc, time.monotonic() - started
+    b"".join(stream_body(response, "svc"))
+    release(response)
+    return response, time.monotonic() - started
+
+
+def test_read_timeout_holds_on_a_reused_connection_and_follows_each_request():
+    upstream = ScriptedUpstream([(0, OK), (0, OK), (5, OK)])
+    forwarder = Forwarder(pool_size=1)
+    instance = Instance(upstream.port)
+    try:
+        first, _ = timed_send(forwarder, instance, read_timeout=5)
+        assert first.status_code == 200
+        second, _ = timed_send(forwarder, instance, read_timeout=5)  # the same connection
+        assert second.status_code == 200
+        error, took = timed_send(forwarder, instance, read_timeout=0.3)  # ...now 0.3 s
+        assert isinstance(error, GatewayTimeout)
+        assert 0.25 < took < 2
+    finally:
+        forwarder.close()
+        upstream.close()
+
+
+def test_read_timeout_mid_body_aborts_the_stream():
+    upstream = ScriptedUpstream([(0, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")])
+    forwarder = Forwarder(pool_size=1)
+    try:
+        response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None, 2,
+                                  0.3)
+        started = time.monotonic()
+        with pytest.raises(UpstreamAborted):
+            b"".join(stream_body(response, "svc"))
+        assert time.monotonic() - started < 2
+        release(response)
+    finally:
+        forwarder.close()
+        upstream.close()
+
+
+def test_send_timeout_holds_when_the_upstream_stops_reading():
+    upstream = ScriptedUpstream([(0, None)])  # reads one chunk, then nothing more
+    forwarder = Forwarder(pool_size=1)
+    result: list = []
+    sender = threading.Thread(target=lambda: result.append(timed_send(
+        forwarder, Instance(upstream.port), read_timeout=5, connect_timeout=0.3,
+        body=b"x" * (64 * 1024 * 1024))))
+    try:
+        sender.start()
+        sender.join(10)
+        assert not sender.is_alive(), "sending never timed out"
+        error, took = result[0]
+        assert isinstance(error, (GatewayTimeout, BadGateway))
+        assert took < 5
+    finally:
+        upstream.close()
+        sender.join(10)
+        forwarder.close()
