@@ -15,6 +15,7 @@ This is the only module that catches requests' exceptions; it turns them into
 from __future__ import annotations
 
 import contextvars
+import datetime
 import email.parser
 import http.client
 import logging
@@ -288,15 +289,40 @@ class _Adapter(HTTPAdapter):
         pass
 
     def build_response(self, req: Any, resp: Any) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = resp.headers
-        response.raw = resp
-        response.reason = resp.reason
-        response.url = req.url
-        response.request = req
-        response.connection = self
-        return response
+        return UpstreamResponse(req, resp, self)
+
+
+_NO_TIME = datetime.timedelta(0)
+
+
+class UpstreamResponse(requests.Response):
+    """A :class:`requests.Response` for an answer the gateway passes on untouched.
+
+    requests gives every response a cookie jar (with a lock and a policy) that the gateway
+    never reads: ``Set-Cookie`` headers go to the client as they came. The jar is made only
+    if something asks for ``cookies``.
+    """
+
+    def __init__(self, request: Any, raw: Any, adapter: HTTPAdapter) -> None:
+        self._content = False
+        self._content_consumed = False
+        self._next = None
+        self.status_code = raw.status
+        self.headers = raw.headers
+        self.raw = raw
+        self.url = request.url
+        self.encoding = None
+        self.history = []
+        self.reason = raw.reason
+        self.elapsed = _NO_TIME
+        self.request = request
+        self.connection = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "cookies":
+            self.cookies = requests.cookies.cookiejar_from_dict({})
+            return self.cookies
+        raise AttributeError(name)
 
 
 class BodyReader:
