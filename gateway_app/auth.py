@@ -150,7 +150,7 @@ INVALID_TOKEN_CHALLENGE = 'Bearer realm="gateway", error="invalid_token"'  # noq
 
 def check_request() -> dict[str, Any]:
     """Verify the current request's token; claims, or :class:`Unauthorized`."""
-    token = token_from_header(request.headers.get("Authorization"))
+    token = token_from_header(request.environ.get("HTTP_AUTHORIZATION"))
     if token is None:
         raise Unauthorized("a bearer token is required",
                            headers={"WWW-Authenticate": NO_TOKEN_CHALLENGE})
@@ -170,8 +170,9 @@ def require_jwt(view: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not g.get("public"):
-            g.claims = check_request()
+        ctx = g._get_current_object()  # type: ignore[attr-defined]  # one context lookup
+        if not ctx.get("public"):
+            ctx.claims = check_request()
         return view(*args, **kwargs)
 
     return wrapper

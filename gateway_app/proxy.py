@@ -143,10 +143,11 @@ def parse_target() -> None:
     name, slash, rest = path[1:].partition("/")
     policy = current_app.extensions["gateway"].registry.snapshot().policies.get(
         name, DEFAULT_POLICY)
-    g.service_name = name
-    g.upstream_target = (path if not policy.strip_prefix else slash + rest, sep + query)
-    g.policy = policy
-    g.public = policy.public
+    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one context lookup
+    ctx.service_name = name
+    ctx.upstream_target = (path if not policy.strip_prefix else slash + rest, sep + query)
+    ctx.policy = policy
+    ctx.public = policy.public
 
 
 @bp.errorhandler(Unauthorized)
@@ -168,8 +169,10 @@ def count_refused_token(exc: Unauthorized) -> Response:
 def proxy(name: str, rest: str | None = None) -> Response:
     gw = current_app.extensions["gateway"]
     settings = gw.settings
-    policy: Policy = g.policy
-    environ = request.environ
+    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one lookup of each
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    policy: Policy = ctx.policy
+    environ = req.environ
     service = gw.registry.snapshot().services.get(name) if NAME_RE.match(name) else None
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
@@ -177,16 +180,16 @@ def proxy(name: str, rest: str | None = None) -> Response:
     body, length = _request_body(environ, settings.max_body_bytes)
     limit = _limit_for(settings, policy)
     if limit is not None:
-        claims = g.get("claims")
+        claims = ctx.get("claims")
         subject = claims.get("sub") if claims else None
         client = subject or client_address(environ, settings.trusted_proxies)
         decision = _take(gw, policy, name, client, limit)
-        g.extra_headers = decision.headers()
+        ctx.extra_headers = decision.headers()
         if not decision.allowed:
             raise RateLimited(f"rate limit of {limit.limit} requests per "
                               f"{_PERIOD_NAMES[limit.period]} exceeded")
 
-    upstream, instance = _send_with_retries(gw, service, policy, body, length)
+    upstream, instance = _send_with_retries(gw, ctx, req, service, policy, body, length)
     health = gw.registry.health
     if upstream.status_code in FAILURE_STATUSES:
         health.failed(instance.health, time.time(), f"status {upstream.status_code}")
@@ -205,7 +208,7 @@ def proxy(name: str, rest: str | None = None) -> Response:
         if policy.json_add:
             try:
                 body_iter = transforms.json_body(upstream, response_headers, policy,
-                                                 request.method, description)
+                                                 req.method, description)
             except GatewayError:  # the upstream failed mid-body, before any header went out
                 finished()
                 raise
@@ -221,12 +224,13 @@ def proxy(name: str, rest: str | None = None) -> Response:
     )
 
 
-def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
-                       length: str | None) -> tuple[Any, Instance]:
-    """Choose an instance and send; on a failure that allows it, try another (see retries)."""
+def _send_with_retries(gw: Any, ctx: Any, req: Any, service: Service, policy: Policy,
+                       body: Any, length: str | None) -> tuple[Any, Instance]:
+    """Choose an instance and send; on a failure that allows it, try another (see retries).
+    ``ctx`` and ``req`` are the request's ``g`` and ``request``."""
     settings = gw.settings
-    environ = request.environ
-    method = request.method
+    environ = req.environ
+    method = req.method
     idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
     if isinstance(body, BodyReader) and length is not None \
             and int(length) <= REPLAYABLE_BODY_BYTES:
@@ -234,7 +238,7 @@ def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
     deadline = time.monotonic() + connect_timeout + read_timeout
-    path, query = g.upstream_target
+    path, query = ctx.upstream_target
     health = gw.registry.health
     tried: set[str] = set()
     failure: GatewayError | None = None
@@ -246,12 +250,13 @@ def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
                 raise failure
             raise NoHealthyInstance(f"service {service.name!r} has no instance that can take "
                                     "traffic")
-        headers = _upstream_headers(environ, instance, service.name, settings.trusted_proxies)
+        headers = _upstream_headers(environ, ctx, instance, service.name,
+                                    settings.trusted_proxies)
         if length is not None:
             headers["Content-Length"] = length
         if policy.request_remove or policy.request_add:
             transforms.apply_request_headers(headers, policy)
-        g.instance = instance
+        ctx.instance = instance
         health.started(instance.health)
         started = time.perf_counter()
         try:
@@ -272,7 +277,7 @@ def _send_with_retries(gw: Any, service: Service, policy: Policy, body: Any,
                 failure = exc
                 continue
             raise
-        g.upstream_ms = (time.perf_counter() - started) * 1000
+        ctx.upstream_ms = (time.perf_counter() - started) * 1000
         return upstream, instance
 
 
@@ -309,7 +314,7 @@ def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | Non
     return None, None
 
 
-def _upstream_headers(environ: dict[str, Any], instance: Any, name: str,
+def _upstream_headers(environ: dict[str, Any], ctx: Any, instance: Any, name: str,
                       trusted: Any) -> dict[str, str]:
     dropped = dropped_headers(_DROPPED, environ.get("HTTP_CONNECTION"))
     headers: dict[str, str] = {}
@@ -334,8 +339,8 @@ def _upstream_headers(environ: dict[str, Any], instance: Any, name: str,
     host = environ.get("HTTP_X_FORWARDED_HOST") if from_proxy else None
     headers["X-Forwarded-Host"] = host or environ.get("HTTP_HOST", "")
     headers["X-Forwarded-Prefix"] = "/" + name
-    headers["X-Request-ID"] = g.request_id
-    claims = g.get("claims")
+    headers["X-Request-ID"] = ctx.request_id
+    claims = ctx.get("claims")
     if claims is not None and claims.get("sub") is not None:
         headers["X-Authenticated-Subject"] = claims["sub"]
     return headers
