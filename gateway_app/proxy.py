@@ -36,10 +36,12 @@ from .errors import (
     error_response,
 )
 from .forwarding import (
+    CHUNK_SIZE,
     GATEWAY_OWNED,
     HOP_BY_HOP,
     BodyReader,
     dropped_headers,
+    read_upto,
     release,
     stream_body,
 )
@@ -56,6 +58,8 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 #: answers ``100-continue`` itself).
 _DROPPED = HOP_BY_HOP | GATEWAY_OWNED | {"expect"}
 _TARGET_RE = re.compile(r"^/[\x21-\x7e]*$")
+#: Response bodies of known length up to this size are read whole, then sent.
+SMALL_BODY_BYTES = CHUNK_SIZE
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 log = logging.getLogger("gateway.proxy")
@@ -213,6 +217,19 @@ def proxy(name: str, rest: str | None = None) -> Response:
                 finished()
                 raise
     if body_iter is None:
+        remaining = upstream.raw.length_remaining  # by Content-Length; None when unknown
+        if remaining is not None and remaining <= SMALL_BODY_BYTES:
+            # A small body of known length is read whole before answering (nginx's proxy
+            # buffering does the same): the upstream connection is back in the pool before
+            # the client is written to, and a body cut short is still a 502, not a cut
+            # connection.
+            try:
+                data = read_upto(upstream, remaining, description)
+            finally:
+                finished()
+            # (Not passed through: werkzeug then runs the response's close callbacks.)
+            return PassthroughResponse([data], status=upstream.status_code,
+                                       headers=response_headers)
         body_iter = stream_body(upstream, description)
     # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
     # (called by the server when done, or when the client went away) must release the upstream.

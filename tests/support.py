@@ -214,9 +214,9 @@ class Recorder(BaseHTTPRequestHandler):
                                         ("Set-Cookie", "theme=dark; Path=/")])
         elif route == "redirect":
             self._send(302, b"see elsewhere", [("Location", "/elsewhere")])
-        elif route == "truncate":  # promises 100000 bytes, sends 10, hangs up
+        elif route in ("truncate", "truncate-small"):  # promises more than 10, sends 10
             self.send_response(200)
-            self.send_header("Content-Length", "100000")
+            self.send_header("Content-Length", "100000" if route == "truncate" else "1000")
             self.end_headers()
             self.wfile.write(b"0123456789")
             self.wfile.flush()

@@ -152,6 +152,13 @@ def test_failure_mid_body_cuts_the_connection(routed, upstream, auth):
         conn.close()
 
 
+def test_small_body_cut_short_is_a_502(routed, upstream, auth):
+    """A body that fits in one read is read whole before the answer starts, so an upstream
+    hanging up mid-body can still be reported as a clean 502."""
+    response = requests.get(f"{routed.url}/svc/truncate-small", headers=auth, timeout=10)
+    assert error_of(response) == (502, "bad_gateway")
+
+
 # -- the error table, each status produced for real ----------------------------------------
 
 
