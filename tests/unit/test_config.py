@@ -21,6 +21,7 @@ from gateway_app.config import ConfigError, load_settings, parse_rate_limit, rea
     ({"GATEWAY_RATE_LIMIT": "lots"}, "GATEWAY_RATE_LIMIT"),
     ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
+    ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
 ])
 def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
