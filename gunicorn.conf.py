@@ -26,9 +26,10 @@ except ConfigError as exc:
 # -- server ----------------------------------------------------------------------------------
 bind = _settings.bind
 # Each worker listens on a TCP socket of its own (SO_REUSEPORT) and the kernel spreads new
-# connections evenly over them. On one shared socket, whichever worker wakes first accepts, so
-# a client's keep-alive connections pile onto one worker while the other idles (seen: 15 of 16
-# connections on one worker of two). Not for unix sockets or sockets handed over by systemd.
+# connections over them by a hash of the client's address and port. On one shared socket,
+# whichever worker wakes first accepts, so a client's keep-alive connections pile onto one
+# worker while the other idles (seen: 15 of 16 connections on one worker of two). Not for unix
+# sockets or sockets handed over by systemd.
 reuse_port = (hasattr(socket, "SO_REUSEPORT") and not bind.startswith(("unix:", "fd://"))
               and "LISTEN_FDS" not in os.environ)
 worker_class = "gthread"
@@ -40,6 +41,7 @@ keepalive = 5
 # from their main loop, so long streamed responses do not trip it.
 timeout = 60
 graceful_timeout = 30
+
 
 def _worker_cpus():
     """The CPUs to give one worker each, or ``None`` to leave workers to the scheduler.

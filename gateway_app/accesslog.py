@@ -200,8 +200,9 @@ def line_writer(settings: Settings) -> Callable[[Response], Response]:
             counter = CountingIterator(response.response, streamed_line)
             response.response = counter
         else:
-            record["bytes"] = response.content_length or 0  # (no reference to the response
-            response.call_on_close(lambda: emit(record, log_format))  # from its own callback)
+            # The length is known now; the callback must not refer to the response (a cycle).
+            record["bytes"] = response.content_length or 0
+            response.call_on_close(lambda: emit(record, log_format))
         return response
 
     return log_when_closed
