@@ -103,8 +103,9 @@ def on_starting(server):
             sys.exit(2)
     SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
     store = re.sub(r"//[^/@]*@", "//***@", _settings.store)  # no password in the log
-    server.log.info("gateway: store %s, %d workers x %d threads%s", store,
-                    _settings.workers, _settings.threads,
+    # (with reuse_port, gunicorn's own "Listening at" line has no address: the workers bind)
+    server.log.info("gateway: listening on %s, store %s, %d workers x %d threads%s", bind,
+                    store, _settings.workers, _settings.threads,
                     f", one per CPU ({','.join(map(str, _CPUS))})" if _CPUS else "")
 
 

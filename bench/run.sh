@@ -228,11 +228,17 @@ spawn "$GW_LOG" env GATEWAY_BIND="127.0.0.1:$GW_PORT" GATEWAY_DATA_DIR="$GW_DATA
 GW_PID=$LAST_PID
 wait_http "$GW_PID" "$GW_LOG" "http://127.0.0.1:$GW_PORT/_gateway/health" '"ok"' \
   || die "gateway did not answer GET /_gateway/health with 200 (waited up to 15 s)"
-# The store the gateway says it opened (gunicorn.conf.py logs it), credentials masked.
-if logged=$(grep -o 'gateway: store [^ ,]*' "$GW_LOG" | head -n 1) && [ -n "$logged" ]; then
-  STORE_DESC=${logged#gateway: store }
+# The store the gateway says it opened (gunicorn.conf.py logs it), credentials masked, and
+# whether its workers were given a CPU each.
+if logged=$(grep 'gateway: listening' "$GW_LOG" | grep -o ' store [^ ,]*' | head -n 1) \
+    && [ -n "$logged" ]; then
+  STORE_DESC=${logged# store }
 fi
 STORE_DESC=$(sed -E 's#//[^/@]*@#//***@#' <<<"${STORE_DESC//"$TMP"/<tmp>}")
+CPUS_DESC="scheduler"
+if logged=$(grep -o 'one per CPU ([0-9,]*)' "$GW_LOG" | head -n 1) && [ -n "$logged" ]; then
+  CPUS_DESC=$logged
+fi
 
 for port in "${NGINX_PORTS[@]}"; do
   code=$(curl -s -o "$TMP/register.out" -w '%{http_code}' --max-time 5 -X POST \
@@ -315,7 +321,7 @@ if ! wait_http "$CEIL_PID" "$CEIL_LOG" "$CEIL_URL" "$BODY"; then
 fi
 
 # --- measure: upstream once, then gateway and ceiling in alternation ---------------------------
-echo "bench: config: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC" >&2
+echo "bench: config: workers=$WORKERS threads=$THREADS cpus=$CPUS_DESC store=$STORE_DESC jwt=$JWT_DESC" >&2
 echo "bench: policy: $POLICY_DESC; upstream instances: $INSTANCES" >&2
 echo "bench: token: $TOKEN_SRC" >&2
 measure upstream "http://127.0.0.1:$NGINX_PORT/"
@@ -351,7 +357,7 @@ ms() { awk -v us="$1" 'BEGIN { printf "%.2f ms", us / 1000 }'; }
 {
   echo
   echo "Gateway benchmark  $(date -u '+%Y-%m-%d %H:%M:%SZ')  $(nproc) cores, loopback"
-  echo "  gateway: workers=$WORKERS threads=$THREADS store=$STORE_DESC jwt=$JWT_DESC"
+  echo "  gateway: workers=$WORKERS threads=$THREADS cpus=$CPUS_DESC store=$STORE_DESC jwt=$JWT_DESC"
   echo "  ceiling: $CEIL_HOW"
   echo "  policy: $POLICY_DESC; upstream instances: $INSTANCES"
   echo "  wrk: $CONNECTIONS connections, $WRK_THREADS threads, $DURATION per run after a $WARMUP warm-up;"
