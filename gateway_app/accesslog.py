@@ -130,7 +130,9 @@ def _write(line: str) -> None:
     same line, without a LogRecord (with its clock reads, getpid and caller lookup) per request.
     Any other setup (handlers, filters of the application's) gets a normal record."""
     handler = _own_handler
-    if handler is not None and log.handlers == [handler] and not log.filters:
+    handlers = log.handlers
+    if handler is not None and len(handlers) == 1 and handlers[0] is handler \
+            and not log.filters:
         handler.add(line)
     else:
         log.info("%s", line)

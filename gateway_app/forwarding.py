@@ -24,7 +24,7 @@ import socket
 import ssl
 import struct
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 
@@ -154,10 +154,10 @@ class _KernelTimedSocket(socket.socket):
     as a Python timeout would be.
     """
 
-    __slots__ = ("_timeout", "_recv_timeout", "_send_timeout")
+    __slots__ = ("_timeout", "_in_kernel")
     _timeout: float | None
-    _recv_timeout: float | None
-    _send_timeout: float | None
+    #: The timeout the kernel holds, per option (SO_RCVTIMEO, SO_SNDTIMEO); absent: none set.
+    _in_kernel: dict[int, float | None]
 
     @classmethod
     def adopt(cls, sock: socket.socket) -> _KernelTimedSocket:
@@ -166,7 +166,7 @@ class _KernelTimedSocket(socket.socket):
         timed = cls(sock.family, sock.type, sock.proto, sock.detach())
         socket.socket.settimeout(timed, None)  # the descriptor itself becomes blocking
         timed._timeout = timeout
-        timed._recv_timeout = timed._send_timeout = None
+        timed._in_kernel = {}
         return timed
 
     def settimeout(self, value: float | None) -> None:
@@ -175,43 +175,27 @@ class _KernelTimedSocket(socket.socket):
     def gettimeout(self) -> float | None:
         return self._timeout
 
-    def _for_receiving(self) -> None:
-        if self._recv_timeout != self._timeout:
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
-            self._recv_timeout = self._timeout
-
-    def _for_sending(self) -> None:
-        if self._send_timeout != self._timeout:
-            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
-            self._send_timeout = self._timeout
+    def _timed(self, option: int, method: Callable[..., Any], *args: Any) -> Any:
+        """The socket ``method`` with the timeout in force for ``option``'s direction."""
+        if self._in_kernel.get(option) != self._timeout:
+            self.setsockopt(socket.SOL_SOCKET, option, _timeval(self._timeout))
+            self._in_kernel[option] = self._timeout
+        try:
+            return method(self, *args)
+        except BlockingIOError:
+            raise TimeoutError("timed out") from None
 
     def recv_into(self, *args: Any) -> int:
-        self._for_receiving()
-        try:
-            return super().recv_into(*args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+        return self._timed(socket.SO_RCVTIMEO, socket.socket.recv_into, *args)
 
     def recv(self, *args: Any) -> bytes:
-        self._for_receiving()
-        try:
-            return super().recv(*args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+        return self._timed(socket.SO_RCVTIMEO, socket.socket.recv, *args)
 
     def send(self, *args: Any) -> int:
-        self._for_sending()
-        try:
-            return super().send(*args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+        return self._timed(socket.SO_SNDTIMEO, socket.socket.send, *args)
 
     def sendall(self, *args: Any) -> None:
-        self._for_sending()
-        try:
-            super().sendall(*args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
+        self._timed(socket.SO_SNDTIMEO, socket.socket.sendall, *args)
 
 
 class _HTTPConnection(HTTPConnection):
