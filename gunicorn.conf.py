@@ -16,6 +16,7 @@ from gunicorn.util import is_ipv6, parse_address
 
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
 from gateway_app.ratelimit import SharedBuckets
+from gateway_app.workers import FREE, ConnectionBoard
 
 try:
     _settings = load_settings()
@@ -32,9 +33,15 @@ bind = _settings.bind
 # sockets or sockets handed over by systemd.
 reuse_port = (hasattr(socket, "SO_REUSEPORT") and not bind.startswith(("unix:", "fd://"))
               and "LISTEN_FDS" not in os.environ)
-worker_class = "gthread"
+# gunicorn's gthread worker, shedding connections while it holds more than its share, so the
+# kernel's hash does not leave one worker with most of a client's keep-alive connections (see
+# gateway_app/workers.py).
+worker_class = "gateway_app.workers.BalancedThreadWorker"
 workers = _settings.workers
 threads = _settings.threads
+# The workers' connection counts, made here in the master so that every worker shares it. Room
+# for a reload, when new workers start before the old ones are gone.
+_BOARD = ConnectionBoard(2 * workers + 2)
 # A client's idle keep-alive connection is held this long between requests.
 keepalive = 5
 # Seconds a worker may be silent before the master restarts it; gthread workers heartbeat
@@ -110,11 +117,14 @@ def on_starting(server):
 
 
 def pre_fork(server, worker):
-    """Choose the CPU of the worker about to start: the one its siblings use least (a worker
-    that replaces a dead one takes the CPU it left)."""
+    """Give the worker about to start its slot on the connection board, and its CPU: the one
+    its siblings use least (a worker that replaces a dead one takes the CPU it left)."""
+    siblings = list(server.WORKERS.values())
+    worker.gateway_board = _BOARD
+    worker.gateway_slot = _BOARD.free_slot(
+        w.gateway_slot for w in siblings if getattr(w, "gateway_board", None) is _BOARD)
     if _CPUS:
-        used = collections.Counter(getattr(w, "gateway_cpu", None)
-                                   for w in server.WORKERS.values())
+        used = collections.Counter(getattr(w, "gateway_cpu", None) for w in siblings)
         worker.gateway_cpu = min(_CPUS, key=lambda cpu: (used[cpu], cpu))
 
 
@@ -122,6 +132,16 @@ def post_fork(server, worker):
     cpu = getattr(worker, "gateway_cpu", None)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+
+
+def pre_request(worker, req):
+    worker.balance(req)
+
+
+def child_exit(server, worker):
+    """A worker that died (or was stopped) no longer counts in the others' shares."""
+    if getattr(worker, "gateway_slot", None) is not None:
+        worker.gateway_board.counts[worker.gateway_slot] = FREE
 
 
 def post_worker_init(worker):

@@ -8,6 +8,7 @@ import http.client
 import os
 import signal
 import socket
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +55,80 @@ def test_keep_alive_connections_spread_over_the_workers(start_gateway):
             connection.close()
     assert len(per_worker) == 2, per_worker
     assert min(per_worker.values()) >= 5, per_worker
+
+
+class Client:
+    """A keep-alive connection to the gateway that reconnects when told to close, and knows
+    which worker served it last (a request id starts with a random prefix per worker).
+    Its sockets close with a reset, so a port is free again at once (no TIME_WAIT)."""
+
+    def __init__(self, port: int, source_port: int = 0) -> None:
+        self.connection = http.client.HTTPConnection(
+            "127.0.0.1", port, timeout=5, source_address=("127.0.0.1", source_port))
+        self.worker = ""
+        self.closes = 0
+
+    def connect(self) -> None:
+        self.connection.connect()
+        self.connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+
+    def call(self) -> None:
+        if self.connection.sock is None:
+            self.connect()
+        self.connection.request("GET", "/_gateway/health")
+        response = self.connection.getresponse()
+        response.read()
+        assert response.status == 200
+        self.worker = response.getheader("X-Request-ID")[:16]
+        if response.getheader("Connection") == "close":
+            self.closes += 1
+            self.connection.close()
+            self.connection.source_address = None  # the next call connects from a new port
+
+
+def test_a_worker_holding_more_than_its_share_sheds_connections_until_even(start_gateway):
+    """12 keep-alive connections that the kernel's hash puts on one worker of two: that worker
+    closes connections after their response until each worker holds 6, then closes no more."""
+    gateway = start_gateway(GATEWAY_WORKERS=2)
+    # The kernel picks a worker by the client's address and port: find 12 ports it sends to
+    # the same worker.
+    ports: dict[str, list[int]] = {}
+    tried: set[int] = set()
+    while max(map(len, ports.values()), default=0) < 12:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port in tried:  # a port is free again after its reset, and may come back
+            continue
+        tried.add(port)
+        client = Client(gateway.port, port)
+        client.call()
+        client.connection.close()
+        ports.setdefault(client.worker, []).append(port)
+    busy = max(ports, key=lambda worker: len(ports[worker]))
+    clients = [Client(gateway.port, port) for port in ports[busy][:12]]
+
+    def round_closed_some() -> bool:  # one request per connection
+        before = sum(client.closes for client in clients)
+        for client in clients:
+            client.call()
+        return sum(client.closes for client in clients) > before
+
+    try:
+        for client in clients:
+            client.connect()  # all 12 held by one worker before the first request
+        for _ in range(100):
+            if not round_closed_some():
+                break
+        per_worker = Counter(client.worker for client in clients)
+        assert len(per_worker) == 2 and set(per_worker.values()) == {6}, per_worker
+        assert all(client.closes for client in clients if client.worker != busy)
+        # Even now: more rounds close nothing.
+        assert not any(round_closed_some() for _ in range(5))
+    finally:
+        for client in clients:
+            client.connection.close()
 
 
 def test_a_taken_port_stops_the_start_at_once_with_a_message(start_gateway):

@@ -1,0 +1,97 @@
+"""gunicorn's threaded worker, keeping client connections even across the workers.
+
+Each worker listens on a socket of its own and the kernel places a new connection on one of
+them by a hash of the client's address and port, so a client's 16 keep-alive connections often
+land 11 and 5 on two workers. The worker with 11 serves each of them half as often, and sets
+the latency tail. Here every worker publishes its count of open client connections on a
+:class:`ConnectionBoard` shared with its siblings; a worker holding more than its share (the
+total over the workers, rounded up) answers the next request with ``Connection: close``. The
+client reconnects, lands wherever the hash puts it, and within a few reconnects the counts are
+even. Once they are, nothing is closed. (nginx's ``keepalive_requests`` and Envoy's
+``max_requests_per_connection`` re-place long-lived connections too, blindly; this closes only
+where there is an excess.)
+
+Used as ``worker_class = "gateway_app.workers.BalancedThreadWorker"``, with the board and a slot
+on it given to each worker by the ``pre_fork`` hook in gunicorn.conf.py. Without them it is
+gunicorn's gthread worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Iterable
+from typing import Any
+
+from gunicorn.workers.base import Worker
+from gunicorn.workers.gthread import ThreadWorker
+
+#: A slot no running worker holds (or whose worker takes no more connections).
+FREE = -1
+
+
+class ConnectionBoard:
+    """Each worker's count of open client connections, in memory shared by the gunicorn master
+    and every worker it forks (an anonymous shared mapping, made in the master first)."""
+
+    def __init__(self, slots: int) -> None:
+        self._map = mmap.mmap(-1, slots * ctypes.sizeof(ctypes.c_int64))
+        #: Per slot: the count, or :data:`FREE`. Aligned 8-byte stores: a reader in another
+        #: process sees the old count or the new one, never a mix.
+        self.counts = (ctypes.c_int64 * slots).from_buffer(self._map)
+        for slot in range(slots):
+            self.counts[slot] = FREE
+
+    def free_slot(self, taken: Iterable[int | None]) -> int | None:
+        """The first slot not in ``taken`` (the slots of running workers); ``None`` when all
+        are: that worker then runs without balancing, neither counted nor shedding."""
+        used = set(taken)
+        return next((slot for slot in range(len(self.counts)) if slot not in used), None)
+
+    def over_share(self, slot: int, mine: int) -> bool:
+        """Publish ``mine`` for ``slot``; whether it is more than the slot's share of all the
+        counted connections (their total over the counted workers, rounded up)."""
+        counts = self.counts
+        counts[slot] = mine
+        total = workers = 0
+        for count in counts:
+            if count >= 0:
+                total += count
+                workers += 1
+        return mine > -(-total // workers)
+
+
+class BalancedThreadWorker(ThreadWorker):
+    """gunicorn's gthread worker that keeps its count of client connections on the board and
+    closes a connection (after its response) while it holds more than its share."""
+
+    gateway_board: ConnectionBoard | None = None
+    gateway_slot: int | None = None
+
+    def _publish(self) -> None:
+        if self.gateway_board is not None and self.gateway_slot is not None:
+            self.gateway_board.counts[self.gateway_slot] = self.nr_conns if self.alive else FREE
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # Every change to nr_conns happens on this thread, in the callbacks run here or just
+        # before (timeouts of idle connections): publish around them, so an idle worker's
+        # count is right too. A stopping worker takes no new connections: it drops out.
+        self._publish()
+        super().wait_for_and_dispatch_events(timeout)
+        self._publish()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """A quick stop (SIGQUIT, SIGINT), without gthread's shutdown of the thread pool first.
+        That shutdown takes the pool's lock, and a signal landing while this thread is inside
+        the pool's ``submit()`` (holding the lock) left the worker waiting on itself until the
+        master killed it (seen in the tests: every other quick stop right after clients reset
+        their connections). The pool's threads are joined at exit all the same."""
+        Worker.handle_quit(self, sig, frame)
+
+    def balance(self, req: Any) -> None:
+        """Close the connection after this response when this worker holds more than its
+        share (called by the ``pre_request`` hook, on the request's thread)."""
+        board, slot = self.gateway_board, self.gateway_slot
+        if board is not None and slot is not None and self.alive \
+                and board.over_share(slot, self.nr_conns):
+            req.force_close()
