@@ -198,14 +198,43 @@ class _KernelTimedSocket(socket.socket):
         self._timed(socket.SO_SNDTIMEO, socket.socket.sendall, *args)
 
 
-class _HTTPConnection(HTTPConnection):
+#: http.client's checks on a header line: a legal name, and no bare CR or LF in the value
+#: (which would let a value start a header of its own).
+_LEGAL_HEADER_NAME = re.compile(rb"[^:\s][^:\r\n]*").fullmatch
+_ILLEGAL_HEADER_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])").search
+
+
+class _HeaderLines:
+    """``putheader`` for the usual call (one ``str`` value) in one step.
+
+    urllib3's ``putheader`` looks for its ``SKIP_HEADER`` marker among the values, then
+    http.client's checks and encodes each value: 1.3 µs a header, ten headers a request. This
+    does http.client's encoding and checks directly (0.5 µs). A value is sent as it is, even
+    one that happens to equal urllib3's marker (a client's header is never a request to skip
+    one). Any other call goes the usual way.
+    """
+
+    def putheader(self, header: str, *values: Any) -> None:
+        if len(values) == 1 and type(values[0]) is str:
+            name = header.encode("ascii")
+            value = values[0].encode("latin-1")
+            if not _LEGAL_HEADER_NAME(name):
+                raise ValueError(f"Invalid header name {name!r}")
+            if _ILLEGAL_HEADER_VALUE(value):
+                raise ValueError(f"Invalid header value {value!r}")
+            self._output(name + b": " + value)  # type: ignore[attr-defined]
+        else:
+            super().putheader(header, *values)  # type: ignore[misc]
+
+
+class _HTTPConnection(_HeaderLines, HTTPConnection):
     response_class = _UpstreamResponse
 
     def _new_conn(self) -> socket.socket:
         return _KernelTimedSocket.adopt(super()._new_conn())
 
 
-class _HTTPSConnection(HTTPSConnection):
+class _HTTPSConnection(_HeaderLines, HTTPSConnection):
     response_class = _UpstreamResponse
 
 

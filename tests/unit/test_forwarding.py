@@ -1,4 +1,5 @@
-"""Reading upstream responses: the header parser and a real socket through the Forwarder."""
+"""Talking to upstreams: the header lines sent, the header parser, and real sockets through the
+Forwarder."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from gateway_app.errors import BadGateway, GatewayTimeout
 from gateway_app.forwarding import (
     Forwarder,
     UpstreamAborted,
+    _HTTPConnection,
+    _HTTPSConnection,
     parse_headers,
     release,
     stream_body,
@@ -65,6 +68,48 @@ def test_header_block_bounds_are_http_clients():
         parse_headers(io.BytesIO(b"A: " + b"x" * 70000 + b"\r\n\r\n"))
     with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
         parse_headers(io.BytesIO(b"A: 1\r\n" * 101 + b"\r\n"))
+
+
+HEADER_CALLS = [
+    ("X-Forwarded-For", ("127.0.0.1",)),
+    ("Authorization", ("Bearer a.b.c",)),
+    ("X-Empty", ("",)),
+    ("X-Latin", ("café",)),
+    ("X-Folded", ("a\r\n b",)),  # a folded value passes http.client's check too
+    ("X-Skip", ("@@@SKIP_HEADER@@@",)),  # urllib3's marker, from a client: sent as it is
+    ("X-Number", (42,)),  # not one str: the usual way
+    ("X-Two", ("a", "b")),
+]
+BAD_HEADER_CALLS = [
+    ("X-Injected", ("a\r\nX-Evil: 1",)),
+    ("X-Bare-LF", ("a\nb",)),
+    ("X-CR", ("a\rb",)),
+    (" Leading-Space", ("v",)),
+    ("Bad:Name", ("v",)),
+    ("", ("v",)),
+]
+
+
+def header_lines(connection, calls):
+    connection.putrequest("GET", "/", skip_host=True, skip_accept_encoding=True)
+    for name, values in calls:
+        connection.putheader(name, *values)
+    return connection._buffer
+
+
+@pytest.mark.parametrize("connection_class", [_HTTPConnection, _HTTPSConnection])
+def test_upstream_header_lines_are_http_clients(connection_class):
+    ours = header_lines(connection_class("127.0.0.1", 1), HEADER_CALLS)
+    assert ours == header_lines(http.client.HTTPConnection("127.0.0.1", 1), HEADER_CALLS)
+    assert b"X-Skip: @@@SKIP_HEADER@@@" in ours
+
+
+@pytest.mark.parametrize("call", BAD_HEADER_CALLS)
+def test_upstream_header_lines_refuse_what_http_client_refuses(call):
+    with pytest.raises(ValueError):
+        header_lines(http.client.HTTPConnection("127.0.0.1", 1), [call])
+    with pytest.raises(ValueError, match="Invalid header"):
+        header_lines(_HTTPConnection("127.0.0.1", 1), [call])
 
 
 class Instance:
