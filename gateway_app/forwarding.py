@@ -214,7 +214,7 @@ class _HeaderLines:
     one). Any other call goes the usual way.
     """
 
-    def putheader(self, header: str, *values: Any) -> None:
+    def putheader(self, header: str, *values: str) -> None:
         if len(values) == 1 and type(values[0]) is str:
             name = header.encode("ascii")
             value = values[0].encode("latin-1")
@@ -227,14 +227,14 @@ class _HeaderLines:
             super().putheader(header, *values)  # type: ignore[misc]
 
 
-class _HTTPConnection(_HeaderLines, HTTPConnection):
+class _HTTPConnection(_HeaderLines, HTTPConnection):  # type: ignore[misc]
     response_class = _UpstreamResponse
 
     def _new_conn(self) -> socket.socket:
         return _KernelTimedSocket.adopt(super()._new_conn())
 
 
-class _HTTPSConnection(_HeaderLines, HTTPSConnection):
+class _HTTPSConnection(_HeaderLines, HTTPSConnection):  # type: ignore[misc]
     response_class = _UpstreamResponse
 
 
