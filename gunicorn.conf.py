@@ -134,10 +134,6 @@ def post_fork(server, worker):
         os.sched_setaffinity(0, {cpu})
 
 
-def pre_request(worker, req):
-    worker.balance(req)
-
-
 def child_exit(server, worker):
     """A worker that died (or was stopped) no longer counts in the others' shares."""
     if getattr(worker, "gateway_slot", None) is not None:

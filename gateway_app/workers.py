@@ -12,14 +12,15 @@ even. Once they are, nothing is closed. (nginx's ``keepalive_requests`` and Envo
 where there is an excess.)
 
 Used as ``worker_class = "gateway_app.workers.BalancedThreadWorker"``, with the board and a slot
-on it given to each worker by the ``pre_fork`` hook in gunicorn.conf.py. Without them it is
-gunicorn's gthread worker.
+on it given to each worker by the ``pre_fork`` hook in gunicorn.conf.py (and freed by
+``child_exit``). Without them it is gunicorn's gthread worker.
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,25 +49,35 @@ class ConnectionBoard:
         used = set(taken)
         return next((slot for slot in range(len(self.counts)) if slot not in used), None)
 
-    def over_share(self, slot: int, mine: int) -> bool:
-        """Publish ``mine`` for ``slot``; whether it is more than the slot's share of all the
-        counted connections (their total over the counted workers, rounded up)."""
-        counts = self.counts
-        counts[slot] = mine
+    def share(self) -> int:
+        """What each counted worker would hold were the connections even: their total over the
+        counted workers, rounded up."""
         total = workers = 0
-        for count in counts:
+        for count in self.counts:
             if count >= 0:
                 total += count
                 workers += 1
-        return mine > -(-total // workers)
+        return -(-total // workers) if workers else 0
 
 
 class BalancedThreadWorker(ThreadWorker):
     """gunicorn's gthread worker that keeps its count of client connections on the board and
-    closes a connection (after its response) while it holds more than its share."""
+    closes a connection (after its response) while it holds more than its share.
+
+    A connection told to close counts in the total (its client comes back, to one worker or the
+    other) but no longer in what this worker holds: a worker's threads decide for several
+    requests at the same moment, and each would otherwise see the same excess and close a
+    connection for it (seen: 1,500 reconnects in 10 s as two workers shed back and forth).
+    """
 
     gateway_board: ConnectionBoard | None = None
     gateway_slot: int | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Connections told to close whose close has not happened yet.
+        self._leaving = 0
+        self._leaving_lock = threading.Lock()
 
     def _publish(self) -> None:
         if self.gateway_board is not None and self.gateway_slot is not None:
@@ -80,6 +91,28 @@ class BalancedThreadWorker(ThreadWorker):
         super().wait_for_and_dispatch_events(timeout)
         self._publish()
 
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        """Tell the client to close this connection after the response while this worker holds
+        more than its share (on the request's thread, before the response starts)."""
+        board = self.gateway_board
+        if board is not None and self.gateway_slot is not None and self.alive:
+            self._publish()
+            if self.nr_conns - self._leaving > board.share():
+                with self._leaving_lock:  # again, alone: another thread may just have shed
+                    if not getattr(conn, "gateway_leaving", False) \
+                            and self.nr_conns - self._leaving > board.share():
+                        self._leaving += 1
+                        conn.gateway_leaving = True
+                        req.force_close()
+        return super().handle_request(req, conn)
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        super().finish_request(conn, fs)  # closes a connection told to close
+        if getattr(conn, "gateway_leaving", False):
+            conn.gateway_leaving = False
+            with self._leaving_lock:
+                self._leaving -= 1
+
     def handle_quit(self, sig: int, frame: Any) -> None:
         """A quick stop (SIGQUIT, SIGINT), without gthread's shutdown of the thread pool first.
         That shutdown takes the pool's lock, and a signal landing while this thread is inside
@@ -87,11 +120,3 @@ class BalancedThreadWorker(ThreadWorker):
         master killed it (seen in the tests: every other quick stop right after clients reset
         their connections). The pool's threads are joined at exit all the same."""
         Worker.handle_quit(self, sig, frame)
-
-    def balance(self, req: Any) -> None:
-        """Close the connection after this response when this worker holds more than its
-        share (called by the ``pre_request`` hook, on the request's thread)."""
-        board, slot = self.gateway_board, self.gateway_slot
-        if board is not None and slot is not None and self.alive \
-                and board.over_share(slot, self.nr_conns):
-            req.force_close()

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -129,6 +130,33 @@ def test_a_worker_holding_more_than_its_share_sheds_connections_until_even(start
     finally:
         for client in clients:
             client.connection.close()
+
+
+def test_connections_busy_at_once_are_closed_once_per_excess_connection(start_gateway):
+    """16 clients sending at once: a worker's threads decide for several requests at the same
+    moment, and each connection over the share is closed once, not once per thread that saw
+    the excess (that set the workers shedding back and forth, hundreds of times a second)."""
+    gateway = start_gateway(GATEWAY_WORKERS=2, GATEWAY_THREADS=16)
+    clients = [Client(gateway.port) for _ in range(16)]
+    start = threading.Barrier(len(clients))
+
+    def run(client: Client) -> None:
+        start.wait()
+        for _ in range(300):
+            client.call()
+
+    threads = [threading.Thread(target=run, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for client in clients:
+        client.connection.close()
+    assert Counter(client.worker for client in clients) == Counter({w: 8 for w in
+                                                                    {c.worker for c in clients}})
+    # An uneven start of k extra connections takes about 2k closes to even out (each
+    # reconnection lands on either worker); 16 connections are at most 8 over.
+    assert sum(client.closes for client in clients) <= 40
 
 
 def test_a_taken_port_stops_the_start_at_once_with_a_message(start_gateway):

@@ -1,16 +1,18 @@
-"""The connection board the workers keep their counts on, and the gunicorn hooks that hand out
-its slots (the shedding itself is tested over HTTP in tests/integration/test_listening_http.py)."""
+"""The connection board the workers keep their counts on, the gunicorn hooks that hand out its
+slots, and the shedding decision (end to end: tests/integration/test_listening_http.py)."""
 
 from __future__ import annotations
 
 import os
 import runpy
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from gunicorn.workers.gthread import ThreadWorker
 
-from gateway_app.workers import FREE, ConnectionBoard
+from gateway_app.workers import FREE, BalancedThreadWorker, ConnectionBoard
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,22 +25,20 @@ def test_a_new_board_has_every_slot_free_and_hands_out_the_first_untaken():
     assert board.free_slot([0, 1, 2, 3]) is None
 
 
-@pytest.mark.parametrize("others, mine, over", [
-    ([6], 6, False),        # even
-    ([5], 7, True),         # 12 over 2: a share of 6
-    ([6], 7, False),        # 13 over 2: a share of 7 (rounded up), and 7/6 is as even as it gets
-    ([0], 2, True),
-    ([0], 1, False),        # one connection, nowhere better to put it
-    ([4, 4], 5, False),     # 13 over 3: 5
-    ([3, 3], 5, True),      # 11 over 3: 4
-    ([FREE, 0], 2, True),   # a free slot is no worker
+@pytest.mark.parametrize("counts, share", [
+    ([6, 6], 6),
+    ([7, 5], 6),
+    ([7, 6], 7),        # rounded up: 7 and 6 is as even as 13 gets
+    ([1, 0], 1),
+    ([5, 4, 4], 5),
+    ([FREE, 9, 0], 5),  # a free slot is no worker
+    ([FREE, FREE], 0),
 ])
-def test_over_share_is_more_than_the_total_over_the_workers_rounded_up(others, mine, over):
-    board = ConnectionBoard(len(others) + 1)
-    for slot, count in enumerate(others, start=1):
+def test_a_share_is_the_total_over_the_workers_rounded_up(counts, share):
+    board = ConnectionBoard(len(counts))
+    for slot, count in enumerate(counts):
         board.counts[slot] = count
-    assert board.over_share(0, mine) is over
-    assert board.counts[0] == mine  # published for the others
+    assert board.share() == share
 
 
 def test_the_board_is_shared_with_processes_forked_after_it():
@@ -66,13 +66,68 @@ def test_gunicorn_hooks_give_each_worker_a_slot_and_free_it_when_it_exits(monkey
         workers.append(worker)
     assert [w.gateway_slot for w in workers] == [0, 1]
     board = workers[0].gateway_board
-    board.counts[0], board.counts[1] = 5, 3
+    board.counts[0], board.counts[1] = 9, 3
 
     del server.WORKERS[101]  # gunicorn forgets the worker, then calls child_exit
     conf["child_exit"](server, workers[0])
     assert board.counts[0] == FREE  # no longer counted in the other's share
-    assert board.over_share(1, 3) is False
+    assert board.share() == 3
 
     replacement = SimpleNamespace()
     conf["pre_fork"](server, replacement)
     assert replacement.gateway_slot == 0
+
+
+class Request:
+    closing = False
+
+    def force_close(self):
+        self.closing = True
+
+
+class Conn:
+    pass
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """A BalancedThreadWorker holding 11 connections while its sibling holds 5, with gthread's
+    own request handling and close stubbed (a shed connection closes in finish_request)."""
+    monkeypatch.setattr(ThreadWorker, "handle_request", lambda self, req, conn: not req.closing)
+
+    def finish_request(self, conn, fs):
+        if not fs:
+            self.nr_conns -= 1
+    monkeypatch.setattr(ThreadWorker, "finish_request", finish_request)
+    worker = object.__new__(BalancedThreadWorker)
+    worker._leaving, worker._leaving_lock = 0, threading.Lock()
+    worker.alive, worker.nr_conns = True, 11
+    worker.gateway_board, worker.gateway_slot = ConnectionBoard(2), 0
+    worker.gateway_board.counts[1] = 5
+    return worker
+
+
+def test_requests_deciding_at_once_close_only_the_excess(worker):
+    """Eight requests on eight connections, all deciding before any close happens: 16 over 2
+    workers is 8 each, so 3 are told to close, not all 8 that saw 11."""
+    conns, requests = [Conn() for _ in range(8)], [Request() for _ in range(8)]
+    results = [worker.handle_request(req, conn) for req, conn in zip(requests, conns, strict=True)]
+    assert sum(req.closing for req in requests) == 3
+    assert worker.gateway_board.counts[0] == 11  # its clients come back, to one or the other
+    for conn, keep in zip(conns, results, strict=True):
+        worker.finish_request(conn, keep)
+    assert (worker.nr_conns, worker._leaving) == (8, 0)
+    worker.gateway_board.counts[1] = 8  # the three reconnected, and landed on the sibling
+    again = Request()
+    worker.handle_request(again, Conn())
+    assert not again.closing
+
+
+def test_a_stopping_worker_drops_off_the_board_and_sheds_nothing(worker, monkeypatch):
+    monkeypatch.setattr(ThreadWorker, "wait_for_and_dispatch_events", lambda self, timeout: None)
+    worker.alive = False
+    worker.wait_for_and_dispatch_events(1.0)
+    assert worker.gateway_board.counts[0] == FREE
+    req = Request()
+    worker.handle_request(req, Conn())
+    assert not req.closing
