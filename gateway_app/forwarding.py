@@ -33,6 +33,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
+from urllib3.util import SKIP_HEADER
 
 from .errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, PayloadTooLarge
 
@@ -209,13 +210,13 @@ class _HeaderLines:
 
     urllib3's ``putheader`` looks for its ``SKIP_HEADER`` marker among the values, then
     http.client's checks and encodes each value: 1.3 µs a header, ten headers a request. This
-    does http.client's encoding and checks directly (0.5 µs). A value is sent as it is, even
-    one that happens to equal urllib3's marker (a client's header is never a request to skip
-    one). Any other call goes the usual way.
+    does http.client's encoding and checks directly (0.5 µs). Only the marker object itself
+    (see :meth:`Forwarder.send`) and other calls go the usual way: a client's value that
+    happens to equal the marker is sent as it is.
     """
 
     def putheader(self, header: str, *values: str) -> None:
-        if len(values) == 1 and type(values[0]) is str:
+        if len(values) == 1 and type(values[0]) is str and values[0] is not SKIP_HEADER:
             name = header.encode("ascii")
             value = values[0].encode("latin-1")
             if not _LEGAL_HEADER_NAME(name):
@@ -382,6 +383,11 @@ class UpstreamAborted(Exception):
     """The upstream failed after the response headers went out: the connection is cut."""
 
 
+#: Headers urllib3 and http.client add of their own when a request has none (their
+#: ``User-Agent``, and ``Accept-Encoding: identity``); a proxy adds neither.
+_NOT_ADDED = ("User-Agent", "Accept-Encoding")
+
+
 class Forwarder:
     """Sends requests to upstream instances over per-process pooled connections."""
 
@@ -404,6 +410,10 @@ class Forwarder:
              body: BodyReader | bytes | None, connect_timeout: float,
              read_timeout: float) -> requests.Response:
         """Send one request; the response's body is left unread, to be streamed."""
+        present = {name.lower() for name in headers}
+        for name in _NOT_ADDED:
+            if name.lower() not in present:  # the client sent none: the upstream gets none
+                headers[name] = SKIP_HEADER
         request = UpstreamRequest(instance, method, target, headers, body)
         verbatim = _verbatim_target.set(target)
         try:

@@ -127,6 +127,16 @@ def test_headers_added_and_removed(routed, upstream):
     assert headers["X-Request-ID"] == "req-42"
     assert "X-Private" not in headers
     assert headers["Authorization"] == token
+    # Nothing the client did not send: no client library's User-Agent or Accept-Encoding.
+    assert "User-Agent" not in headers and "Accept-Encoding" not in headers
+
+
+def test_client_user_agent_and_accept_encoding_go_up_as_sent(routed, upstream, auth):
+    sent = {**auth, "User-Agent": "curl/8.5.0", "Accept-Encoding": "gzip, br",
+            "X-Odd": "@@@SKIP_HEADER@@@"}  # urllib3's marker, as a plain value
+    headers = raw_request(routed.port, "GET /svc/h", sent).json()["headers"]
+    assert (headers["User-Agent"], headers["Accept-Encoding"], headers["X-Odd"]) == \
+        ("curl/8.5.0", "gzip, br", "@@@SKIP_HEADER@@@")
 
 
 def test_redirects_and_statuses_pass_through(routed, upstream, auth):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from urllib3.util import SKIP_HEADER
 
 from gateway_app.errors import BadGateway, GatewayTimeout
 from gateway_app.forwarding import (
@@ -102,6 +103,15 @@ def test_upstream_header_lines_are_http_clients(connection_class):
     ours = header_lines(connection_class("127.0.0.1", 1), HEADER_CALLS)
     assert ours == header_lines(http.client.HTTPConnection("127.0.0.1", 1), HEADER_CALLS)
     assert b"X-Skip: @@@SKIP_HEADER@@@" in ours
+
+
+def test_only_urllib3s_own_marker_skips_a_header():
+    lines = header_lines(_HTTPConnection("127.0.0.1", 1), [
+        ("User-Agent", (SKIP_HEADER,)), ("Accept-Encoding", (SKIP_HEADER,)),
+        ("X-Client", ("".join(SKIP_HEADER),)),  # equal, but a client's string
+    ])
+    assert not any(line.startswith((b"User-Agent", b"Accept-Encoding")) for line in lines)
+    assert b"X-Client: " + SKIP_HEADER.encode() in lines
 
 
 @pytest.mark.parametrize("call", BAD_HEADER_CALLS)
