@@ -39,8 +39,8 @@ reuse_port = (hasattr(socket, "SO_REUSEPORT") and not bind.startswith(("unix:", 
 worker_class = "gateway_app.workers.BalancedThreadWorker"
 workers = _settings.workers
 threads = _settings.threads
-# The workers' connection counts, made here in the master so that every worker shares it. Room
-# for a reload, when new workers start before the old ones are gone.
+# The workers' connection counts, made here in the master so that every worker shares it (a
+# reload makes a new one for the new workers). Room for workers added with TTIN.
 _BOARD = ConnectionBoard(2 * workers + 2)
 # A client's idle keep-alive connection is held this long between requests.
 keepalive = 5
@@ -120,9 +120,14 @@ def pre_fork(server, worker):
     """Give the worker about to start its slot on the connection board, and its CPU: the one
     its siblings use least (a worker that replaces a dead one takes the CPU it left)."""
     siblings = list(server.WORKERS.values())
-    worker.gateway_board = _BOARD
-    worker.gateway_slot = _BOARD.free_slot(
+    slot = _BOARD.free_slot(
         w.gateway_slot for w in siblings if getattr(w, "gateway_board", None) is _BOARD)
+    if slot is None:
+        server.log.warning("gateway: no room on the connection board for another worker; it "
+                           "runs without connection balancing until a restart")
+    else:
+        _BOARD.counts[slot] = FREE  # whatever a vanished predecessor left, until it publishes
+    worker.gateway_board, worker.gateway_slot = _BOARD, slot
     if _CPUS:
         used = collections.Counter(getattr(w, "gateway_cpu", None) for w in siblings)
         worker.gateway_cpu = min(_CPUS, key=lambda cpu: (used[cpu], cpu))

@@ -18,9 +18,11 @@ on it given to each worker by the ``pre_fork`` hook in gunicorn.conf.py (and fre
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import mmap
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +31,9 @@ from gunicorn.workers.gthread import ThreadWorker
 
 #: A slot no running worker holds (or whose worker takes no more connections).
 FREE = -1
+#: Seconds a connection closed for balance still counts in the total: its client comes back
+#: when it next sends a request (at once, for a busy one).
+AWAY_SECONDS = 0.1
 
 
 class ConnectionBoard:
@@ -64,10 +69,16 @@ class BalancedThreadWorker(ThreadWorker):
     """gunicorn's gthread worker that keeps its count of client connections on the board and
     closes a connection (after its response) while it holds more than its share.
 
-    A connection told to close counts in the total (its client comes back, to one worker or the
-    other) but no longer in what this worker holds: a worker's threads decide for several
-    requests at the same moment, and each would otherwise see the same excess and close a
-    connection for it (seen: 1,500 reconnects in 10 s as two workers shed back and forth).
+    Two counts keep it from closing more than the excess:
+
+    - A connection told to close no longer counts in what this worker holds, at once: a
+      worker's threads decide for several requests at the same moment, and each would
+      otherwise see the same excess and close a connection for it (seen: 1,500 reconnects in
+      10 s as two workers shed back and forth).
+    - Once closed, it still counts in the total for :data:`AWAY_SECONDS`: its client comes
+      back, to one worker or another, when it next sends a request. Without that, the total
+      shrank with every close, and so did the share: 11 of 12 connections closed where 6 were
+      the excess.
     """
 
     gateway_board: ConnectionBoard | None = None
@@ -78,15 +89,27 @@ class BalancedThreadWorker(ThreadWorker):
         #: Connections told to close whose close has not happened yet.
         self._leaving = 0
         self._leaving_lock = threading.Lock()
+        #: When each connection told to close was closed, for the last AWAY_SECONDS (this
+        #: worker's main thread alone touches it).
+        self._away: collections.deque[float] = collections.deque()
 
     def _publish(self) -> None:
-        if self.gateway_board is not None and self.gateway_slot is not None:
-            self.gateway_board.counts[self.gateway_slot] = self.nr_conns if self.alive else FREE
+        """Put this worker's count on the board (from the main thread: the one that changes
+        ``nr_conns``); a stopping worker takes no new connections, and drops out."""
+        if self.gateway_board is None or self.gateway_slot is None:
+            return
+        away = self._away
+        if away:
+            gone = time.monotonic() - AWAY_SECONDS
+            while away and away[0] < gone:
+                away.popleft()
+        self.gateway_board.counts[self.gateway_slot] = (
+            self.nr_conns + len(away) if self.alive else FREE)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         # Every change to nr_conns happens on this thread, in the callbacks run here or just
         # before (timeouts of idle connections): publish around them, so an idle worker's
-        # count is right too. A stopping worker takes no new connections: it drops out.
+        # count is right too.
         self._publish()
         super().wait_for_and_dispatch_events(timeout)
         self._publish()
@@ -95,23 +118,25 @@ class BalancedThreadWorker(ThreadWorker):
         """Tell the client to close this connection after the response while this worker holds
         more than its share (on the request's thread, before the response starts)."""
         board = self.gateway_board
-        if board is not None and self.gateway_slot is not None and self.alive:
-            self._publish()
-            if self.nr_conns - self._leaving > board.share():
-                with self._leaving_lock:  # again, alone: another thread may just have shed
-                    if not getattr(conn, "gateway_leaving", False) \
-                            and self.nr_conns - self._leaving > board.share():
-                        self._leaving += 1
-                        conn.gateway_leaving = True
-                        req.force_close()
+        if board is not None and self.gateway_slot is not None and self.alive \
+                and self.nr_conns - self._leaving > board.share():
+            with self._leaving_lock:  # again, alone: another thread may just have shed
+                if self.nr_conns - self._leaving > board.share() and not req.should_close():
+                    # (a request that closes its connection anyway is no help)
+                    self._leaving += 1
+                    conn.gateway_leaving = True
+                    req.force_close()
         return super().handle_request(req, conn)
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        super().finish_request(conn, fs)  # closes a connection told to close
-        if getattr(conn, "gateway_leaving", False):
-            conn.gateway_leaving = False
-            with self._leaving_lock:
-                self._leaving -= 1
+        try:
+            super().finish_request(conn, fs)  # closes a connection told to close
+        finally:
+            if getattr(conn, "gateway_leaving", False):
+                conn.gateway_leaving = False
+                self._away.append(time.monotonic())
+                with self._leaving_lock:
+                    self._leaving -= 1
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         """A quick stop (SIGQUIT, SIGINT), without gthread's shutdown of the thread pool first.

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import runpy
 import threading
+import time
+from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway_app.workers import FREE, BalancedThreadWorker, ConnectionBoard
+from gateway_app.workers import AWAY_SECONDS, FREE, BalancedThreadWorker, ConnectionBoard
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +59,8 @@ def test_gunicorn_hooks_give_each_worker_a_slot_and_free_it_when_it_exits(monkey
     monkeypatch.setenv("GATEWAY_CPU_AFFINITY", "off")
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["worker_class"] == "gateway_app.workers.BalancedThreadWorker"
-    server = SimpleNamespace(WORKERS={})
+    warnings: list[str] = []
+    server = SimpleNamespace(WORKERS={}, log=SimpleNamespace(warning=warnings.append))
     workers = []
     for pid in (101, 102):
         worker = SimpleNamespace()
@@ -74,14 +77,27 @@ def test_gunicorn_hooks_give_each_worker_a_slot_and_free_it_when_it_exits(monkey
     assert board.share() == 3
 
     replacement = SimpleNamespace()
+    board.counts[0] = 4  # left by a worker gunicorn forgot without child_exit (gone already)
     conf["pre_fork"](server, replacement)
     assert replacement.gateway_slot == 0
+    assert board.counts[0] == FREE  # until the replacement publishes its own
+    server.WORKERS[103] = replacement
+
+    for pid in range(104, 109):  # TTIN up to the board's 6 slots, and one more
+        worker = SimpleNamespace()
+        conf["pre_fork"](server, worker)
+        server.WORKERS[pid] = worker
+    assert worker.gateway_slot is None and "without connection balancing" in warnings[0]
 
 
 class Request:
-    closing = False
+    def __init__(self, closing: bool = False) -> None:
+        self.closing = closing
 
-    def force_close(self):
+    def should_close(self) -> bool:
+        return self.closing
+
+    def force_close(self) -> None:
         self.closing = True
 
 
@@ -91,8 +107,9 @@ class Conn:
 
 @pytest.fixture
 def worker(monkeypatch):
-    """A BalancedThreadWorker holding 11 connections while its sibling holds 5, with gthread's
-    own request handling and close stubbed (a shed connection closes in finish_request)."""
+    """A BalancedThreadWorker holding 11 connections while its sibling holds 5 (16 over 2: a
+    share of 8), with gthread's own request handling and close stubbed (a connection told to
+    close is closed in finish_request)."""
     monkeypatch.setattr(ThreadWorker, "handle_request", lambda self, req, conn: not req.closing)
 
     def finish_request(self, conn, fs):
@@ -100,27 +117,57 @@ def worker(monkeypatch):
             self.nr_conns -= 1
     monkeypatch.setattr(ThreadWorker, "finish_request", finish_request)
     worker = object.__new__(BalancedThreadWorker)
-    worker._leaving, worker._leaving_lock = 0, threading.Lock()
+    worker._leaving, worker._leaving_lock, worker._away = 0, threading.Lock(), deque()
     worker.alive, worker.nr_conns = True, 11
     worker.gateway_board, worker.gateway_slot = ConnectionBoard(2), 0
     worker.gateway_board.counts[1] = 5
+    worker._publish()  # as its main loop does
     return worker
 
 
 def test_requests_deciding_at_once_close_only_the_excess(worker):
-    """Eight requests on eight connections, all deciding before any close happens: 16 over 2
-    workers is 8 each, so 3 are told to close, not all 8 that saw 11."""
+    """Eight requests on eight connections, all deciding before any close happens: 3 are told
+    to close, not all 8 that saw 11."""
     conns, requests = [Conn() for _ in range(8)], [Request() for _ in range(8)]
     results = [worker.handle_request(req, conn) for req, conn in zip(requests, conns, strict=True)]
     assert sum(req.closing for req in requests) == 3
-    assert worker.gateway_board.counts[0] == 11  # its clients come back, to one or the other
     for conn, keep in zip(conns, results, strict=True):
         worker.finish_request(conn, keep)
+    worker._publish()
     assert (worker.nr_conns, worker._leaving) == (8, 0)
+    assert worker.gateway_board.counts[0] == 11  # the 3 count until their clients are back
     worker.gateway_board.counts[1] = 8  # the three reconnected, and landed on the sibling
     again = Request()
     worker.handle_request(again, Conn())
     assert not again.closing
+
+
+def test_connections_closed_one_by_one_close_only_the_excess(worker):
+    """Each connection closed before the next request decides, its client not back yet (it
+    reconnects when it next sends): still 3, not 5 as the total shrinks with each close."""
+    closed = 0
+    for _ in range(8):
+        req, conn = Request(), Conn()
+        keep = worker.handle_request(req, conn)
+        worker.finish_request(conn, keep)
+        worker._publish()
+        closed += req.closing
+    assert closed == 3
+    assert worker.gateway_board.counts[0] == 11
+
+
+def test_a_closed_connection_stops_counting_once_away_long_enough(worker):
+    worker.nr_conns = 8
+    worker._away.extend([time.monotonic() - AWAY_SECONDS - 1, time.monotonic()])
+    worker._publish()
+    assert worker.gateway_board.counts[0] == 9
+    assert len(worker._away) == 1
+
+
+def test_a_request_that_closes_anyway_is_not_the_one_told_to(worker):
+    conn = Conn()
+    worker.handle_request(Request(closing=True), conn)  # e.g. the client sent Connection: close
+    assert (worker._leaving, getattr(conn, "gateway_leaving", False)) == (0, False)
 
 
 def test_a_stopping_worker_drops_off_the_board_and_sheds_nothing(worker, monkeypatch):
