@@ -410,9 +410,10 @@ class Forwarder:
              body: BodyReader | bytes | None, connect_timeout: float,
              read_timeout: float) -> requests.Response:
         """Send one request; the response's body is left unread, to be streamed."""
-        present = {name.lower() for name in headers}
         for name in _NOT_ADDED:
-            if name.lower() not in present:  # the client sent none: the upstream gets none
+            # Not sent (or spelt otherwise by a policy: that spelling still goes up, as the
+            # marker itself is never written) means the library adds none of its own.
+            if name not in headers:
                 headers[name] = SKIP_HEADER
         request = UpstreamRequest(instance, method, target, headers, body)
         verbatim = _verbatim_target.set(target)

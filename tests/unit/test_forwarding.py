@@ -114,6 +114,19 @@ def test_only_urllib3s_own_marker_skips_a_header():
     assert b"X-Client: " + SKIP_HEADER.encode() in lines
 
 
+def test_a_header_spelt_otherwise_goes_up_once_and_the_library_adds_none():
+    """What Forwarder.send hands urllib3 when a policy added ``user-agent`` in lower case: the
+    policy's line goes up, the marker skips nothing else, urllib3 adds no User-Agent."""
+    connection = _HTTPConnection("127.0.0.1", 1)
+    connection.sock, peer = socket.socketpair()
+    with peer:
+        connection.request("GET", "/", headers={
+            "Host": "up", "user-agent": "policy/1", "User-Agent": SKIP_HEADER,
+            "Accept-Encoding": SKIP_HEADER})
+        connection.sock.close()
+        assert peer.recv(4096) == b"GET / HTTP/1.1\r\nHost: up\r\nuser-agent: policy/1\r\n\r\n"
+
+
 @pytest.mark.parametrize("call", BAD_HEADER_CALLS)
 def test_upstream_header_lines_refuse_what_http_client_refuses(call):
     with pytest.raises(ValueError):
