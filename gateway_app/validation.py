@@ -11,7 +11,7 @@ import ipaddress
 import json
 import math
 import re
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import BadRequest
 
@@ -22,7 +22,10 @@ RESERVED_NAMES = frozenset({"_gateway", "register_service", "deregister_service"
 _METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "instance-data"})
 _HOST_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?$")
 _NUMERICISH_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?$")
-_DOT_SEGMENT_RE = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+#: Path segments are split at slashes and at backslashes (which some servers take as one).
+_SEGMENT_SEPARATORS = re.compile(r"[/\\]")
+#: Percent-decodings undone when looking for dot segments (``%252e`` is ``.`` after two).
+_DECODE_ROUNDS = 3
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_TTL = 86400
 MAX_WEIGHT = 1000
@@ -42,8 +45,22 @@ def check_name(name: object) -> str:
 
 
 def has_dot_segment(path: str) -> bool:
-    """True when ``path`` holds a ``.`` or ``..`` segment, plain or percent-encoded."""
-    return bool(_DOT_SEGMENT_RE.search(path))
+    """True when ``path`` holds a ``.`` or ``..`` segment in any spelling a server behind the
+    gateway might take as one: percent-encoded (``%2e``, ``%2E%2e``, twice-encoded
+    ``%252e``), ended by an encoded slash or a backslash (``..%2f``, ``..%5c``, ``..\\``), or
+    with path parameters (``..;/``, as Tomcat reads it)."""
+    if "." not in path and "%" not in path:  # the usual path: nothing to look at
+        return False
+    decoded = path
+    for _ in range(_DECODE_ROUNDS):
+        if "%" not in decoded:
+            break
+        once = unquote(decoded, errors="replace")
+        if once == decoded:
+            break
+        decoded = once
+    return any(segment.partition(";")[0] in (".", "..")
+               for segment in _SEGMENT_SEPARATORS.split(decoded))
 
 
 def _check_host(host: str) -> str:
