@@ -64,6 +64,13 @@ class MethodNotAllowed(GatewayError):
     description = "The method is not allowed here."
 
 
+class RequestTimeout(GatewayError):
+    """The client stopped sending its body (``GATEWAY_CLIENT_BODY_TIMEOUT`` between reads)."""
+
+    code, error = 408, "request_timeout"
+    description = "The request body did not arrive in time."
+
+
 class PayloadTooLarge(GatewayError):
     code, error = 413, "payload_too_large"
     description = "The request body is too large."
@@ -98,12 +105,29 @@ class GatewayTimeout(GatewayError):
     description = "The upstream service did not answer in time."
 
 
+class UnsupportedTransferCoding(GatewayError):
+    """A request body in a transfer coding other than ``chunked`` (RFC 9112 section 6.1)."""
+
+    code, error = 501, "not_implemented"
+    description = "The request's transfer coding is not supported."
+
+
+class LoopDetected(GatewayError):
+    """The request already passed through this gateway (its ``Via`` says so), or through
+    too many gateways: forwarding it again would loop."""
+
+    code, error = 508, "loop_detected"
+    description = "The request has already passed through this gateway."
+
+
 #: werkzeug's own errors (raised by routing) mapped onto our codes.
 _WERKZEUG_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
+    414: "bad_request",
     431: "bad_request",
 }
 
@@ -111,7 +135,8 @@ _WERKZEUG_CODES = {
 def error_response(status: int, error: str, message: str,
                    headers: dict[str, str] | None = None) -> Response:
     """A JSON error response in the gateway's shape."""
-    request_id = g.get("request_id")
+    view = g.get("view")
+    request_id = view.request_id if view is not None else None
     body = json.dumps({"error": error, "message": message, "request_id": request_id})
     response = Response(body, status=status, mimetype="application/json")
     if request_id:

@@ -35,7 +35,14 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
 from urllib3.util import SKIP_HEADER
 
-from .errors import BadGateway, BadRequest, GatewayError, GatewayTimeout, PayloadTooLarge
+from .errors import (
+    BadGateway,
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 
 log = logging.getLogger("gateway.forwarding")
 
@@ -50,7 +57,7 @@ HOP_BY_HOP = frozenset({
 GATEWAY_OWNED = frozenset({
     "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
     "x-forwarded-prefix", "x-forwarded-port", "forwarded", "x-real-ip", "x-request-id",
-    "x-authenticated-subject",
+    "x-authenticated-subject", "via",
 })
 
 
@@ -339,41 +346,60 @@ class UpstreamResponse(requests.Response):
         raise AttributeError(name)
 
 
+class ClientBodyError(OSError):
+    """The client's body failed while it was being sent up (cut short, malformed chunked
+    framing, too slow, too large). An ``OSError``, so the HTTP libraries abandon the upstream
+    connection as for any failed send; :func:`_raise_for_body` then answers the client."""
+
+
 class BodyReader:
     """The client's request body as a file-like object for urllib3, bounded in size.
 
-    Errors reading from the client are remembered, so a failed upload is reported as the
-    client's fault (400) or as too large (413), not as the upstream's (502).
+    A failure of the client's (the body ends before its ``Content-Length``, its chunked framing
+    is malformed, it stops arriving, it grows past the limit) is remembered as the client's
+    error (400, 408 or 413) and raised as :class:`ClientBodyError`: the upstream call is
+    abandoned, and the instance is not blamed.
     """
 
-    def __init__(self, stream: IO[bytes], limit: int) -> None:
+    def __init__(self, stream: IO[bytes], limit: int, expected: int | None = None) -> None:
         self._stream = stream
         self._remaining = limit
+        #: The declared Content-Length (``None``: chunked).
+        self._expected = expected
         #: Bytes handed to the upstream connection so far.
         self.sent = 0
-        self.too_large = False
-        self.client_error: Exception | None = None
+        #: What to answer the client, when its body failed.
+        self.client_error: GatewayError | None = None
+
+    def _fail(self, error: GatewayError) -> ClientBodyError:
+        self.client_error = error
+        return ClientBodyError(error.description)
 
     def read(self, size: int = CHUNK_SIZE) -> bytes:
         try:
             data = self._stream.read(size if size and size > 0 else CHUNK_SIZE)
+        except TimeoutError:
+            raise self._fail(RequestTimeout("the request body stopped arriving")) from None
         except Exception as exc:  # whatever the server's input stream raises on a broken read
-            self.client_error = exc
-            raise
+            raise self._fail(BadRequest(f"the request body could not be read: "
+                                        f"{type(exc).__name__}")) from None
+        if not data and self._expected is not None and self.sent < self._expected:
+            raise self._fail(BadRequest(f"the request body ended after {self.sent} of its "
+                                        f"{self._expected} bytes"))
         self._remaining -= len(data)
         if self._remaining < 0:
-            self.too_large = True
-            raise OSError("request body over the limit")
+            raise self._fail(PayloadTooLarge())
         self.sent += len(data)
         return data
 
     def read_all(self) -> bytes:
-        """The whole (small) body, read before anything is sent; client faults become 400/413."""
+        """The whole (small) body, read before anything is sent; client faults become 400,
+        408 or 413."""
         chunks = []
         try:
             while chunk := self.read():
                 chunks.append(chunk)
-        except Exception:
+        except ClientBodyError:
             _raise_for_body(self)
             raise
         return b"".join(chunks)
@@ -420,7 +446,7 @@ class Forwarder:
         try:
             return self.adapter.send(request, stream=True, proxies={},
                                      timeout=(connect_timeout, read_timeout))
-        except requests.RequestException as exc:
+        except (requests.RequestException, ClientBodyError) as exc:
             if isinstance(body, BodyReader):
                 _raise_for_body(body)
             error: GatewayError = (GatewayTimeout if isinstance(exc, requests.Timeout)
@@ -433,10 +459,8 @@ class Forwarder:
 
 
 def _raise_for_body(body: BodyReader) -> None:
-    if body.too_large:
-        raise PayloadTooLarge()
     if body.client_error is not None:
-        raise BadRequest("the request body could not be read")
+        raise body.client_error
 
 
 def _refused(exc: Exception) -> bool:
