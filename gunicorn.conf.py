@@ -9,6 +9,7 @@ import errno
 import gc
 import os
 import re
+import secrets
 import socket
 import sys
 
@@ -17,6 +18,10 @@ from gunicorn.util import is_ipv6, parse_address
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
 from gateway_app.ratelimit import SharedBuckets
 from gateway_app.workers import FREE, ConnectionBoard
+
+# One name for this gateway in the Via header it adds, shared by all its workers (they inherit
+# the environment), so a request that comes back to any of them is seen as a loop.
+os.environ.setdefault("GATEWAY_NODE_ID", secrets.token_hex(6))
 
 try:
     _settings = load_settings()
@@ -68,6 +73,13 @@ _CPUS = _worker_cpus()
 
 # gunicorn's control socket is one per user by default: several gateways would fight over it.
 control_socket_disable = True
+# The gateway reads its client's address, scheme and host from the raw request and believes
+# forwarding headers only from GATEWAY_TRUSTED_PROXIES (gateway_app/front.py). gunicorn's own
+# handling trusts loopback by default: a client there could set SCRIPT_NAME or PATH_INFO (and
+# so what gets routed) or X-Forwarded-Proto with a header. None of it is trusted here.
+forwarded_allow_ips = ""
+forwarder_headers = ""
+secure_scheme_headers = {}
 # Bounds on the request line and headers (gunicorn's defaults, stated).
 limit_request_line = 8190
 limit_request_fields = 100

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, Response, g, request
 
 from . import accesslog
 from .auth import TokenVerifier, load_public_key
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
 from .forwarding import Forwarder
+from .front import VIA_PREFIX, FrontDoor
 from .health import ActiveChecker
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
@@ -43,6 +43,8 @@ class GatewayState:
     limiter: Limiter
     retries: RetryBudget
     checker: ActiveChecker
+    #: This gateway's name in the ``Via`` header of every forwarded request.
+    pseudonym: str
 
     def close(self) -> None:
         accesslog.flush()
@@ -104,6 +106,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
                  or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
         retries=RetryBudget(),
         checker=ActiveChecker(registry, registry.health, settings.upstream_ca_bundle),
+        pseudonym=VIA_PREFIX + settings.node_id,
     )
     state.checker.start()
     if "gateway" in app.extensions:
@@ -114,18 +117,23 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     log_line = accesslog.line_writer(settings)
 
+    # The request's one view is made at the edge, before Flask routes (see front.py).
+    app.wsgi_app = FrontDoor(app.wsgi_app, settings.trusted_proxies,  # type: ignore[method-assign]
+                             settings.node_id)
+
     # One hook each way (Flask checks every hook function for being a coroutine, per request).
     @app.before_request
     def start_request() -> None:
-        ctx = g._get_current_object()  # type: ignore[attr-defined]  # one context lookup
-        ctx.start = time.perf_counter()
-        ctx.request_id = proxy.request_id()
+        view = request.environ["gateway.view"]
+        g.view = view
+        if view.error is not None:  # refused at the edge: before routing, token or anything
+            raise view.error
 
     @app.after_request
     def finish_response(response: Response) -> Response:
-        ctx = g._get_current_object()  # type: ignore[attr-defined]
-        response.headers["X-Request-ID"] = ctx.request_id
-        extra = ctx.get("extra_headers")  # the rate limit's, on every proxied response
+        view = g.view
+        response.headers["X-Request-ID"] = view.request_id
+        extra = view.extra_headers  # the rate limit's, on every proxied response
         if extra:
             response.headers.update(extra)
         return log_line(response)

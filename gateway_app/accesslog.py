@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response, g, request
+from flask import Response, g
 
-from .clients import client_address
 from .clock import rfc3339
 from .config import Settings
 
@@ -175,22 +174,18 @@ def emit(record: dict[str, Any], log_format: str) -> None:
 
 def line_writer(settings: Settings) -> Callable[[Response], Response]:
     """A function that arranges for a response's access line to be written when it closes
-    (call it from an ``after_request`` hook; ``g.start`` must hold the request's start)."""
+    (call it from an ``after_request`` hook; ``g.view`` is the request's view)."""
     configure()
     log_format = settings.log_format
-    trusted = settings.trusted_proxies
 
     def log_when_closed(response: Response) -> Response:
-        environ = request.environ
-        ctx = g._get_current_object()  # type: ignore[attr-defined]
+        view = g.view  # the request's one view, as every step saw it
         record = {
-            "start": ctx.start, "request_id": ctx.request_id,
-            "client": client_address(environ, trusted),
-            "method": environ.get("REQUEST_METHOD"),
-            "path": (environ.get("RAW_URI") or environ.get("PATH_INFO", "")).partition("?")[0],
-            "service": ctx.get("service_name"),
-            "instance": getattr(ctx.get("instance"), "id", None),
-            "status": response.status_code, "upstream_ms": ctx.get("upstream_ms"),
+            "start": view.start, "request_id": view.request_id, "client": view.client,
+            "method": view.method, "path": view.path,
+            "service": view.service if view.policy is not None else None,
+            "instance": getattr(view.instance, "id", None),
+            "status": response.status_code, "upstream_ms": view.upstream_ms,
         }
         if response.is_streamed:
             # A streamed body is handed to the server as it is (direct passthrough): the line

@@ -12,9 +12,9 @@ import hmac
 import json
 from typing import Any, NoReturn
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from .clients import client_address, in_networks
+from .clients import in_networks
 from .errors import (
     BadRequest,
     InstanceNotFound,
@@ -23,6 +23,7 @@ from .errors import (
     ServiceNotFound,
     Unauthorized,
 )
+from .front import is_own_address
 from .policies import validate_policy
 from .registry import Instance
 from .stores import InstanceRecord
@@ -44,11 +45,14 @@ bp = Blueprint("admin", __name__)
 
 @bp.before_request
 def authorise() -> None:
+    """An admin-allowed client address, or the admin token; 401 otherwise. A request relayed
+    for someone else (by the gateway itself, or by any proxy that is not a trusted one and
+    says so in ``Via`` or ``X-Forwarded-*``) never counts as coming from its relay's address."""
     if request.endpoint == "admin.health":
         return
     settings = current_app.extensions["gateway"].settings
-    if in_networks(client_address(request.environ, settings.trusted_proxies),
-                   settings.admin_allow):
+    view = g.view
+    if not view.relayed and in_networks(view.client, settings.admin_allow):
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -115,8 +119,12 @@ def register() -> tuple[Response, int]:
         name = check_name(parsed[0])
         address = normalise_address(parsed[1])
         ttl, weight, metadata = None, 1, {}
-    registry = current_app.extensions["gateway"].registry
-    record, created = registry.register(name, address, ttl=ttl, weight=weight, metadata=metadata)
+    gw = current_app.extensions["gateway"]
+    if is_own_address(address, gw.settings.bind):
+        raise BadRequest(f"address {address!r} is where this gateway listens: requests to it "
+                         "would loop back into the gateway")
+    record, created = gw.registry.register(name, address, ttl=ttl, weight=weight,
+                                           metadata=metadata)
     return jsonify(name=name, instance=_instance_json(record)), 201 if created else 200
 
 

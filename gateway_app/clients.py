@@ -24,8 +24,10 @@ def in_networks(address: str, networks: Sequence[Network]) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
-def client_address(environ: Mapping[str, Any], trusted: Sequence[Network]) -> str:
-    """The client's address: the TCP peer, unless the peer is a trusted proxy.
+def client_address(environ: Mapping[str, Any], trusted: Sequence[Network]) -> str | None:
+    """The client's address: the TCP peer, unless the peer is a trusted proxy; ``None`` when a
+    trusted proxy sent a malformed ``X-Forwarded-For`` (the client is then unknown: never the
+    proxy's own address, which may be one the admin API allows).
 
     Behind trusted proxies, ``X-Forwarded-For`` is read from the right, skipping trusted hops;
     the first untrusted address is the client (the leftmost entries can be forged by anyone).
@@ -37,7 +39,7 @@ def client_address(environ: Mapping[str, Any], trusted: Sequence[Network]) -> st
     for hop in reversed(chain):
         ip = _ip(hop)
         if ip is None:
-            return peer  # a malformed chain: believe nothing in it
+            return None  # a malformed chain: believe nothing in it
         if not any(ip in net for net in trusted):
             return ip.compressed
     return _ip(chain[0]).compressed if chain else peer  # type: ignore[union-attr]

@@ -29,6 +29,9 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 )
 #: HMAC secrets shorter than this get a warning at start (RFC 7518 section 3.2).
 MIN_SECRET_BYTES = 32
+#: Requests refused for their token, per client address: past it, 429 instead of 401.
+DEFAULT_AUTH_FAILURE_LIMIT = "10/second, burst=50"
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$")
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
@@ -104,6 +107,10 @@ class Settings:
     rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
     refresh_interval: float = 0.1
+    #: This gateway's name in the ``Via`` header it adds (one per gateway, all workers).
+    node_id: str = "local"
+    #: Requests refused for their token, per client address; ``None``: unlimited.
+    auth_failure_limit: RateLimit | None = None
 
     @property
     def uses_hmac(self) -> bool:
@@ -252,6 +259,15 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     if on_error not in ("open", "closed"):
         raise ConfigError(f"GATEWAY_RATE_LIMIT_ON_ERROR: expected open or closed, got {on_error!r}")
 
+    node_id = _get(env, "GATEWAY_NODE_ID") or secrets.token_hex(6)
+    if not _NODE_ID_RE.match(node_id):
+        raise ConfigError("GATEWAY_NODE_ID: expected 1 to 64 letters, digits, '.', '_' or '-',"
+                          f" got {node_id!r}")
+
+    failure_text = _get(env, "GATEWAY_AUTH_FAILURE_LIMIT") or DEFAULT_AUTH_FAILURE_LIMIT
+    auth_failure_limit = (None if failure_text.lower() == "off"
+                          else parse_rate_limit(failure_text, "GATEWAY_AUTH_FAILURE_LIMIT"))
+
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
@@ -284,6 +300,8 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         ejection_seconds=_float(env, "GATEWAY_EJECTION_SECONDS", 30.0, 0.1, 3600.0),
         rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
+        node_id=node_id,
+        auth_failure_limit=auth_failure_limit,
     )
 
 

@@ -1,19 +1,18 @@
 """The proxy blueprint: ``ANY /NAME[/REST]`` goes to an instance of service NAME.
 
-Checks run in the order of SPEC section 5: a malformed path (400, in ``before_request``), the
-token (401, the :func:`~gateway_app.auth.require_jwt` decorator), then the service (404, 503),
-the body size (413), and the upstream.
+The request arrives with its one view (:class:`~gateway_app.front.RequestView`), made at the
+edge from the raw target; a malformed path or a loop was refused there (400, 508). Then, in
+the order of the README's status table: the policy of the service segment as sent (in
+``before_request``), the token (401, the :func:`~gateway_app.auth.require_jwt` decorator),
+the service (404), the body size (413), the rate limit (429), and the upstream (502, 503,
+504).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import re
 import time
 from typing import Any
-from urllib.parse import quote
 
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.routing import BaseConverter, ValidationError
@@ -21,7 +20,6 @@ from werkzeug.wsgi import ClosingIterator
 
 from . import transforms
 from .auth import require_jwt
-from .clients import client_address, in_networks
 from .config import RateLimit
 from .errors import (
     BadGateway,
@@ -45,22 +43,21 @@ from .forwarding import (
     release,
     stream_body,
 )
+from .front import RequestView, via_header
 from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision
 from .registry import Instance, Service
 from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
-from .validation import NAME_RE, RESERVED_NAMES, has_dot_segment
+from .validation import NAME_RE, RESERVED_NAMES
 
 #: The methods forwarded; anything else gets 405 from routing.
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 #: Request headers never forwarded: hop-by-hop, gateway-owned, and ``Expect`` (the gateway
 #: answers ``100-continue`` itself).
 _DROPPED = HOP_BY_HOP | GATEWAY_OWNED | {"expect"}
-_TARGET_RE = re.compile(r"^/[\x21-\x7e]*$")
 #: Response bodies of known length up to this size are read whole, then sent.
 SMALL_BODY_BYTES = CHUNK_SIZE
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 log = logging.getLogger("gateway.proxy")
 bp = Blueprint("proxy", __name__)
@@ -90,111 +87,89 @@ class PassthroughResponse(Response):
     default_mimetype = None
 
 
-class _RequestIds:
-    """New request ids: a random prefix per process and a counter, unique without a syscall
-    per request (``os.urandom`` would be one). A forked child takes a prefix of its own."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._prefix = os.urandom(8).hex()
-        self._counter = itertools.count()
-
-    def new(self) -> str:
-        return f"{self._prefix}{next(self._counter):08x}"
-
-
-_request_ids = _RequestIds()
-
-
-def request_id() -> str:
-    """The request's id: the client's when it is sane, else a new one."""
-    incoming = request.environ.get("HTTP_X_REQUEST_ID")
-    if incoming and _SANE_REQUEST_ID.match(incoming):
-        return incoming
-    return _request_ids.new()
-
-
-def raw_target(environ: dict[str, Any]) -> str:
-    """The request target exactly as the client sent it, in origin form (path and query)."""
-    uri = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-    if uri is None:  # a server that keeps no raw URI: rebuild it as faithfully as we can
-        path = quote(environ.get("PATH_INFO", "").encode("latin-1"), safe="/%:@!$&'()*+,;=-._~")
-        query = environ.get("QUERY_STRING", "")
-        return f"{path}?{query}" if query else path
-    if uri[:1] != "/":
-        # Absolute form ("GET http://host/path"): route by the path only, never forward-proxy.
-        scheme, sep, rest = uri.partition("://")
-        if not sep or not scheme.isalpha():
-            raise BadRequest("request target must be a path")
-        slash = rest.find("/")
-        query = rest.find("?")
-        if slash < 0 or (0 <= query < slash):
-            return "/" + (rest[query:] if query >= 0 else "")
-        return rest[slash:]
-    return uri
-
-
 @bp.before_request
-def parse_target() -> None:
-    """Refuse malformed paths (400) before anything else, and find the service's policy."""
-    target = raw_target(request.environ)
-    path, sep, query = target.partition("?")
-    if not _TARGET_RE.match(target) or has_dot_segment(path) or "#" in target:
-        raise BadRequest("malformed request path")
-    name, slash, rest = path[1:].partition("/")
+def find_policy() -> None:
+    """The service's policy, for the service segment exactly as sent (public or not, its limit,
+    its prefix handling): one snapshot read."""
+    view = g.view
     policy = current_app.extensions["gateway"].registry.snapshot().policies.get(
-        name, DEFAULT_POLICY)
-    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one context lookup
-    ctx.service_name = name
-    ctx.upstream_target = (path if not policy.strip_prefix else slash + rest, sep + query)
-    ctx.policy = policy
-    ctx.public = policy.public
+        view.service, DEFAULT_POLICY)
+    view.policy = policy
+    view.public = policy.public
 
 
 @bp.errorhandler(Unauthorized)
 def count_refused_token(exc: Unauthorized) -> Response:
-    """A request refused for its token still counts against its client address's limit
-    (an error handler: it costs nothing on the way of a good request)."""
-    response = error_response(401, exc.error, exc.description or "", exc.extra_headers)
+    """A request refused for its token counts against its client address: against the
+    address's failure bucket (``GATEWAY_AUTH_FAILURE_LIMIT``) and its rate limit. When either
+    is empty the answer is 429, not another 401, so a token sprayer is slowed down. (An error
+    handler: it costs nothing on the way of a good request.)"""
     gw = current_app.extensions["gateway"]
-    limit = _limit_for(gw.settings, g.policy)
+    view = g.view
+    headers = dict(exc.extra_headers)
+    refusal: Decision | None = None
+    failures = gw.settings.auth_failure_limit
+    if failures is not None:
+        decision = gw.limiter.take(f"!token\x00{view.client}", failures)
+        if not decision.allowed:
+            refusal = decision
+    limit = _limit_for(gw.settings, view.policy)
     if limit is not None:
-        client = client_address(request.environ, gw.settings.trusted_proxies)
-        response.headers.update(_take(gw, g.policy, g.service_name, client, limit).headers())
-    return response
+        decision = _take(gw, view.policy, view.service, view.client, limit)
+        headers.update(decision.headers())
+        if not decision.allowed:
+            refusal = decision
+    if refusal is not None:
+        headers["Retry-After"] = str(refusal.retry_after)
+        return error_response(429, RateLimited.error, "too many requests with a refused "
+                              "token from this address", headers)
+    return error_response(401, exc.error, exc.description or "", headers)
 
 
 @bp.route("/<service:name>", methods=METHODS, provide_automatic_options=False)
 @bp.route("/<service:name>/<rest:rest>", methods=METHODS, provide_automatic_options=False)
 @require_jwt
 def proxy(name: str, rest: str | None = None) -> Response:
+    """Route, (authenticate: the decorator), limit, choose and forward, respond: each step
+    reads the request's one view (``name`` is its service segment, as sent)."""
     gw = current_app.extensions["gateway"]
-    settings = gw.settings
-    ctx = g._get_current_object()  # type: ignore[attr-defined]  # one lookup of each
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    policy: Policy = ctx.policy
-    environ = req.environ
+    view = g.view
+    service = _route(gw, view)
+    body = _request_body(view, request.environ, gw.settings.max_body_bytes)
+    _limit(gw, view)
+    upstream, instance = _send_with_retries(gw, view, service, body)
+    return _respond(gw, view, upstream, instance)
+
+
+def _route(gw: Any, view: RequestView) -> Service:
+    """The service the request names, exactly as sent (404 otherwise)."""
+    name = view.service
     service = gw.registry.snapshot().services.get(name) if NAME_RE.match(name) else None
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
+    return service
 
-    body, length = _request_body(environ, settings.max_body_bytes)
-    limit = _limit_for(settings, policy)
-    if limit is not None:
-        claims = ctx.get("claims")
-        subject = claims.get("sub") if claims else None
-        client = subject or client_address(environ, settings.trusted_proxies)
-        decision = _take(gw, policy, name, client, limit)
-        ctx.extra_headers = decision.headers()
-        if not decision.allowed:
-            raise RateLimited(f"rate limit of {limit.limit} requests per "
-                              f"{_PERIOD_NAMES[limit.period]} exceeded")
 
-    upstream, instance = _send_with_retries(gw, ctx, req, service, policy, body, length)
+def _limit(gw: Any, view: RequestView) -> None:
+    """One token from the client's bucket (the verified subject's, else the address's); 429
+    when it is empty. The limit's headers go on the response either way."""
+    limit = _limit_for(gw.settings, view.policy)
+    if limit is None:
+        return
+    claims = view.claims
+    subject = claims.get("sub") if claims else None
+    decision = _take(gw, view.policy, view.service, subject or view.client, limit)
+    view.extra_headers = decision.headers()
+    if not decision.allowed:
+        raise RateLimited(f"rate limit of {limit.limit} requests per "
+                          f"{_PERIOD_NAMES[limit.period]} exceeded")
+
+
+def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> Response:
+    """The client's response: the upstream's status, headers and body, with the policy's
+    transformations; the upstream connection is released when the body is done."""
     health = gw.registry.health
+    policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
         health.failed(instance.health, time.time(), f"status {upstream.status_code}")
     else:
@@ -205,14 +180,14 @@ def proxy(name: str, rest: str | None = None) -> Response:
         release(upstream)
 
     response_headers = _response_headers(upstream.headers)
-    description = f"{instance.origin} ({name})"
+    description = f"{instance.origin} ({instance.service})"
     body_iter: Any = None
     if policy.transforms_response:
         response_headers = transforms.response_headers(response_headers, policy)
         if policy.json_add:
             try:
                 body_iter = transforms.json_body(upstream, response_headers, policy,
-                                                 req.method, description)
+                                                 view.method, description)
             except GatewayError:  # the upstream failed mid-body, before any header went out
                 finished()
                 raise
@@ -241,21 +216,25 @@ def proxy(name: str, rest: str | None = None) -> Response:
     )
 
 
-def _send_with_retries(gw: Any, ctx: Any, req: Any, service: Service, policy: Policy,
-                       body: Any, length: str | None) -> tuple[Any, Instance]:
+def _send_with_retries(gw: Any, view: RequestView, service: Service,
+                       request_body: tuple[Any, str | None]) -> tuple[Any, Instance]:
     """Choose an instance and send; on a failure that allows it, try another (see retries).
-    ``ctx`` and ``req`` are the request's ``g`` and ``request``."""
+
+    A failure of the client's own body (cut short, malformed, too large, too slow) is the
+    client's: it is answered as such, and the instance is not blamed for it."""
     settings = gw.settings
-    environ = req.environ
-    method = req.method
+    policy: Policy = view.policy
+    body, length = request_body
+    method = view.method
+    environ = request.environ
     idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
     if isinstance(body, BodyReader) and length is not None \
             and int(length) <= REPLAYABLE_BODY_BYTES:
-        body = body.read_all()  # small: kept, so it can be sent again
+        body = _client_side(view, body.read_all)  # small: kept, so it can be sent again
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
     deadline = time.monotonic() + connect_timeout + read_timeout
-    path, query = ctx.upstream_target
+    target = view.upstream_path()
     health = gw.registry.health
     tried: set[str] = set()
     failure: GatewayError | None = None
@@ -267,19 +246,18 @@ def _send_with_retries(gw: Any, ctx: Any, req: Any, service: Service, policy: Po
                 raise failure
             raise NoHealthyInstance(f"service {service.name!r} has no instance that can take "
                                     "traffic")
-        headers = _upstream_headers(environ, ctx, instance, service.name,
-                                    settings.trusted_proxies)
+        headers = _upstream_headers(environ, view, instance, gw.pseudonym)
         if length is not None:
             headers["Content-Length"] = length
         if policy.request_remove or policy.request_add:
             transforms.apply_request_headers(headers, policy)
-        ctx.instance = instance
+        view.instance = instance
         health.started(instance.health)
         started = time.perf_counter()
         try:
             upstream = gw.forwarder.send(
-                instance, method, (instance.base_path + path or "/") + query, headers, body,
-                connect_timeout, max(0.01, min(read_timeout, deadline - time.monotonic())),
+                instance, method, (instance.base_path + target or "/") + view.query, headers,
+                body, connect_timeout, max(0.01, min(read_timeout, deadline - time.monotonic())),
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
@@ -294,8 +272,21 @@ def _send_with_retries(gw: Any, ctx: Any, req: Any, service: Service, policy: Po
                 failure = exc
                 continue
             raise
-        ctx.upstream_ms = (time.perf_counter() - started) * 1000
+        except GatewayError:  # the client's body failed: not the instance's doing
+            health.finished(instance.health)
+            view.close_connection()
+            raise
+        view.upstream_ms = (time.perf_counter() - started) * 1000
         return upstream, instance
+
+
+def _client_side(view: RequestView, read: Any) -> Any:
+    """``read()``, closing the client's connection after the answer if its body failed."""
+    try:
+        return read()
+    except GatewayError:
+        view.close_connection()
+        raise
 
 
 _PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
@@ -314,7 +305,8 @@ def _take(gw: Any, policy: Policy, name: str, client: str, limit: RateLimit) -> 
     return gw.limiter.take(f"{scope}\x00{client}", limit)
 
 
-def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | None, str | None]:
+def _request_body(view: RequestView, environ: dict[str, Any], limit: int
+                  ) -> tuple[BodyReader | None, str | None]:
     """The body to send up and its Content-Length (chunked when ``None`` with a body);
     413 when declared too large."""
     length = environ.get("CONTENT_LENGTH")
@@ -322,17 +314,20 @@ def _request_body(environ: dict[str, Any], limit: int) -> tuple[BodyReader | Non
         if not length.isdigit():
             raise BadRequest("invalid Content-Length")
         if int(length) > limit:
+            view.close_connection()  # the body is not read: the connection cannot go on
             raise PayloadTooLarge(f"request body over {limit} bytes")
         if int(length) == 0:
             return None, "0"
-        return BodyReader(environ["wsgi.input"], limit), str(int(length))
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return BodyReader(environ["wsgi.input"], limit, int(length)), str(int(length))
+    if environ.get("HTTP_TRANSFER_ENCODING") is not None:  # chunked: the front door checked
         return BodyReader(environ["wsgi.input"], limit), None
     return None, None
 
 
-def _upstream_headers(environ: dict[str, Any], ctx: Any, instance: Any, name: str,
-                      trusted: Any) -> dict[str, str]:
+def _upstream_headers(environ: dict[str, Any], view: RequestView, instance: Any,
+                      pseudonym: str) -> dict[str, str]:
+    """The headers sent up: the client's end-to-end ones, then the gateway's own, all from the
+    request's view (the ``X-Forwarded-*`` of a trusted proxy only)."""
     dropped = dropped_headers(_DROPPED, environ.get("HTTP_CONNECTION"))
     headers: dict[str, str] = {}
     for key, value in environ.items():
@@ -344,20 +339,15 @@ def _upstream_headers(environ: dict[str, Any], ctx: Any, instance: Any, name: st
     if content_type:
         headers["Content-Type"] = content_type
 
-    peer = environ.get("REMOTE_ADDR", "")
-    from_proxy = bool(trusted) and in_networks(peer, trusted)
-    incoming_xff = environ.get("HTTP_X_FORWARDED_FOR")
     headers["Host"] = instance.origin.partition("://")[2]
-    headers["X-Forwarded-For"] = f"{incoming_xff}, {peer}" if from_proxy and incoming_xff else peer
-    proto = environ.get("HTTP_X_FORWARDED_PROTO", "").lower() if from_proxy else ""
-    if proto not in ("http", "https"):
-        proto = environ["wsgi.url_scheme"]
-    headers["X-Forwarded-Proto"] = proto
-    host = environ.get("HTTP_X_FORWARDED_HOST") if from_proxy else None
-    headers["X-Forwarded-Host"] = host or environ.get("HTTP_HOST", "")
-    headers["X-Forwarded-Prefix"] = "/" + name
-    headers["X-Request-ID"] = ctx.request_id
-    claims = ctx.get("claims")
+    chain = view.forwarded_for
+    headers["X-Forwarded-For"] = f"{chain}, {view.peer}" if chain else view.peer
+    headers["X-Forwarded-Proto"] = view.scheme
+    headers["X-Forwarded-Host"] = view.host
+    headers["X-Forwarded-Prefix"] = "/" + view.service
+    headers["X-Request-ID"] = view.request_id
+    headers["Via"] = via_header(view, pseudonym)
+    claims = view.claims
     if claims is not None and claims.get("sub") is not None:
         headers["X-Authenticated-Subject"] = claims["sub"]
     return headers
