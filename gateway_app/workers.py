@@ -26,8 +26,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from gunicorn import util
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import ThreadWorker
+
+from .front import CapturedErrorPage
 
 #: A slot no running worker holds (or whose worker takes no more connections).
 FREE = -1
@@ -137,6 +140,16 @@ class BalancedThreadWorker(ThreadWorker):
                 self._away.append(time.monotonic())
                 with self._leaving_lock:
                     self._leaving -= 1
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's answer to a request it could not parse (400, 414, 431, 501...), logged
+        as gunicorn does, but in the gateway's JSON error shape instead of an HTML page."""
+        page = CapturedErrorPage()
+        super().handle_error(req, page, addr, exc)
+        try:
+            util.write_nonblock(client, page.json())
+        except Exception:  # the client is gone; as gunicorn does, say so at debug level
+            self.log.debug("Failed to send error message.")
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         """A quick stop (SIGQUIT, SIGINT), without gthread's shutdown of the thread pool first.
