@@ -310,3 +310,96 @@ def raw_request(port: int, request_line: str, headers: dict[str, str] | None = N
         return RawResponse(response.status, response.headers, response.read())
     finally:
         conn.close()
+
+
+class RelayHandler(BaseHTTPRequestHandler):
+    """Passes each request on to ``server.target`` (a base URL) as a plain proxy would: same
+    method, path (without its first segment), headers and body; answers with what came back."""
+
+    protocol_version = "HTTP/1.1"
+    server: Relay
+
+    def log_message(self, *args):
+        pass
+
+    def handle_one(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        self.server.seen.append(self.requestline)
+        target = self.requestline.split(" ")[1]
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in self.server.drop | {"host", "connection"}}
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.target_port, timeout=10)
+        try:
+            conn.request(self.command, target, body=body, headers=headers)
+            answer = conn.getresponse()
+            data = answer.read()
+            status, answer_headers = answer.status, answer.getheaders()
+        except OSError as exc:
+            status, answer_headers, data = 599, [], str(exc).encode()
+        finally:
+            conn.close()
+        self.send_response(status)
+        for key, value in answer_headers:
+            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
+
+
+class Relay(ThreadingHTTPServer):
+    """A local relay to ``target_port`` (a gateway, say), dropping the headers named in
+    ``drop`` (lower-case)."""
+
+    daemon_threads = True
+
+    def __init__(self, target_port: int, drop: frozenset[str] = frozenset()) -> None:
+        super().__init__(("127.0.0.1", 0), RelayHandler)
+        self.target_port = target_port
+        self.drop = drop
+        self.seen: list[str] = []
+        self.port = self.server_address[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> Relay:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def send_raw(port: int, data: bytes, half_close: bool = True, timeout: float = 15.0,
+             source: str = "127.0.0.1") -> bytes:
+    """Send ``data`` on a new connection (then half-close it), and return all that comes back
+    until the gateway closes (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return b"".join(chunks)
+
+
+def parse_response(data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """The first HTTP response in ``data``: status, headers (lower-cased names), body."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1]) if lines and lines[0].startswith("HTTP/") else 0
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length")
+    return status, headers, body[:int(length)] if length and length.isdigit() else body
