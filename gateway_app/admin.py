@@ -20,11 +20,13 @@ from .errors import (
     InstanceNotFound,
     PayloadTooLarge,
     PolicyNotFound,
+    RateLimited,
     ServiceNotFound,
     Unauthorized,
 )
 from .front import is_own_address
 from .policies import validate_policy
+from .ratelimit import refused_credential_key
 from .registry import Instance
 from .stores import InstanceRecord
 from .validation import (
@@ -50,7 +52,8 @@ def authorise() -> None:
     says so in ``Via`` or ``X-Forwarded-*``) never counts as coming from its relay's address."""
     if request.endpoint == "admin.health":
         return
-    settings = current_app.extensions["gateway"].settings
+    gw = current_app.extensions["gateway"]
+    settings = gw.settings
     view = g.view
     if not view.relayed and in_networks(view.client, settings.admin_allow):
         return
@@ -60,6 +63,12 @@ def authorise() -> None:
     if (expected and scheme.lower() == "bearer"
             and hmac.compare_digest(token.strip().encode(), expected.encode())):
         return
+    if header and settings.auth_failure_limit is not None:
+        # A wrong credential counts against the address, as a refused token does.
+        decision = gw.limiter.take(refused_credential_key(view.client), settings.auth_failure_limit)
+        if not decision.allowed:
+            raise RateLimited("too many requests with a refused credential from this address",
+                              headers={"Retry-After": str(decision.retry_after)})
     raise Unauthorized("the registry needs an allowed network or the admin token",
                        headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'})
 

@@ -370,12 +370,21 @@ class BodyReader:
         self.sent = 0
         #: What to answer the client, when its body failed.
         self.client_error: GatewayError | None = None
+        #: Read ahead by :meth:`buffer`, not yet handed on.
+        self._pending = b""
 
     def _fail(self, error: GatewayError) -> ClientBodyError:
         self.client_error = error
         return ClientBodyError(error.description)
 
     def read(self, size: int = CHUNK_SIZE) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending, b""
+            self.sent += len(data)
+            return data
+        return self._read(size)
+
+    def _read(self, size: int = CHUNK_SIZE) -> bytes:
         try:
             data = self._stream.read(size if size and size > 0 else CHUNK_SIZE)
         except TimeoutError:
@@ -392,17 +401,26 @@ class BodyReader:
         self.sent += len(data)
         return data
 
-    def read_all(self) -> bytes:
-        """The whole (small) body, read before anything is sent; client faults become 400,
-        408 or 413."""
-        chunks = []
+    def buffer(self, limit: int) -> bytes | None:
+        """Read up to ``limit`` bytes before anything is sent: the whole body when it ends
+        within them (it can then be sent again, and a malformed or cut body never reaches an
+        upstream), else ``None``, and :meth:`read` hands on what was read first. Client faults
+        become 400, 408 or 413 here."""
+        chunks: list[bytes] = []
+        total = 0
         try:
-            while chunk := self.read():
+            while total <= limit:
+                chunk = self._read(CHUNK_SIZE)
+                if not chunk:
+                    self.sent = 0
+                    return b"".join(chunks)
                 chunks.append(chunk)
+                total += len(chunk)
         except ClientBodyError:
             _raise_for_body(self)
             raise
-        return b"".join(chunks)
+        self._pending, self.sent = b"".join(chunks), 0
+        return None
 
 
 class UpstreamAborted(Exception):

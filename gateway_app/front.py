@@ -33,8 +33,6 @@ from .validation import has_dot_segment
 _TARGET_RE = re.compile(r"^/[\x21-\x7e]*$")
 #: A client's ``X-Request-ID`` that is kept (else a new one is made).
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-#: Headers that say a request was relayed for someone else.
-_FORWARDING_HEADERS = ("HTTP_VIA", "HTTP_X_FORWARDED_FOR", "HTTP_FORWARDED", "HTTP_X_REAL_IP")
 #: The pseudonym prefix of this gateway's ``Via`` entries (RFC 9110 section 7.6.3).
 VIA_PREFIX = "gateway-"
 #: Gateway hops a request may already have made; one more is a loop (508).
@@ -204,8 +202,9 @@ class FrontDoor:
         via = environ.get("HTTP_VIA", "")
         view.via = via
         hops, own = _gateway_hops(via, self.pseudonym) if via else (0, False)
-        view.relayed = hops > 0 or (not from_proxy and any(
-            key in environ for key in _FORWARDING_HEADERS))
+        view.relayed = hops > 0 or (not from_proxy and (
+            "HTTP_VIA" in environ or "HTTP_X_FORWARDED_FOR" in environ
+            or "HTTP_FORWARDED" in environ or "HTTP_X_REAL_IP" in environ))
 
         try:
             target = raw_target(environ)

@@ -46,7 +46,7 @@ from .forwarding import (
 from .front import RequestView, via_header
 from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
-from .ratelimit import Decision
+from .ratelimit import Decision, refused_credential_key
 from .registry import Instance, Service
 from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
 from .validation import NAME_RE, RESERVED_NAMES
@@ -110,7 +110,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
     refusal: Decision | None = None
     failures = gw.settings.auth_failure_limit
     if failures is not None:
-        decision = gw.limiter.take(f"!token\x00{view.client}", failures)
+        decision = gw.limiter.take(refused_credential_key(view.client), failures)
         if not decision.allowed:
             refusal = decision
     limit = _limit_for(gw.settings, view.policy)
@@ -228,9 +228,12 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
     method = view.method
     environ = request.environ
     idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
-    if isinstance(body, BodyReader) and length is not None \
-            and int(length) <= REPLAYABLE_BODY_BYTES:
-        body = _client_side(view, body.read_all)  # small: kept, so it can be sent again
+    if isinstance(body, BodyReader) and (length is None or int(length) <= REPLAYABLE_BODY_BYTES):
+        # A small body (of either framing) is read before any upstream is contacted, as
+        # nginx buffers: kept, it can be sent again, and a malformed one never goes up.
+        whole = _client_side(view, lambda: body.buffer(REPLAYABLE_BODY_BYTES))
+        if whole is not None:
+            body, length = whole, str(len(whole))
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
     deadline = time.monotonic() + connect_timeout + read_timeout

@@ -58,6 +58,11 @@ class Limiter(Protocol):
     def close(self) -> None: ...
 
 
+def refused_credential_key(client: str) -> str:
+    """The bucket of an address's requests refused for their token or credential."""
+    return f"!token\x00{client}"
+
+
 def _hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1
 
