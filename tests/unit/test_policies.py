@@ -82,6 +82,27 @@ def test_bad_policies_are_400_and_change_nothing(client, doc):
     assert client.get("/_gateway/services/svc/policy").get_json()["auth"] == "none"
 
 
+@pytest.mark.parametrize("body", [
+    "[" * 60000,  # json.loads alone raises RecursionError
+    '{"response_json": {"add": {"x": ' + "[" * 40 + "]" * 40 + "}}}",
+    '{"response_json": {"add": {"x": "\\ud800"}}}',
+    '{"response_json": {"add": {"\\udc00": 1}}}',
+    '{"request_headers": {"add": {"X-A": "\\ud800"}}}',
+    '{"response_json": {"add": {"x": NaN}}}',
+    '{"response_json": {"add": {"x": Infinity}}}',
+    '{"response_json": {"add": {"x": -Infinity}}}',
+    '{"response_json": {"add": {"x": 1e400}}}',
+    '{"read_timeout": NaN}',
+])
+def test_hostile_policy_json_is_400_and_changes_nothing(client, body):
+    put_policy(client, {"auth": "none"})
+    response = client.put("/_gateway/services/svc/policy", data=body,
+                          content_type="application/json")
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["error"] == "bad_request"
+    assert client.get("/_gateway/services/svc/policy").get_json()["response_json"] == {"add": {}}
+
+
 def test_policy_bodies_that_are_not_json_are_400(client):
     response = client.put("/_gateway/services/svc/policy", data="auth=none")
     assert response.status_code == 400
