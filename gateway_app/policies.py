@@ -9,6 +9,7 @@ reads attributes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
 from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
 from .validation import has_dot_segment
+
+log = logging.getLogger("gateway.policies")
 
 #: Response headers the gateway owns: a policy may neither add nor remove them.
 GATEWAY_OWNED_RESPONSE = frozenset({
@@ -178,16 +181,29 @@ def validate_policy(doc: object) -> dict[str, Any]:
     }
 
 
+def _stored_rate_limit(text: str | None) -> RateLimit | None | bool:
+    if not text:
+        return None
+    if text == "off":
+        return False
+    try:
+        return parse_rate_limit(text)
+    except ConfigError as exc:
+        # Stored before MAX_RATE_LIMIT existed (it then made every request a 500): the
+        # gateway-wide limit applies instead, and the registry still loads.
+        log.warning("a stored policy's rate limit is ignored: %s", exc)
+        return None
+
+
 def compile_policy(stored: dict[str, Any]) -> Policy:
     """The hot-path form of a stored (already validated) policy."""
-    limit = stored.get("rate_limit")
     request_headers = stored.get("request_headers") or {}
     response_headers = stored.get("response_headers") or {}
     return Policy(
         strip_prefix=stored.get("strip_prefix", True),
         connect_timeout=stored.get("connect_timeout"),
         read_timeout=stored.get("read_timeout"),
-        rate_limit=False if limit == "off" else parse_rate_limit(limit) if limit else None,
+        rate_limit=_stored_rate_limit(stored.get("rate_limit")),
         public=stored.get("auth") == "none",
         request_add=tuple((request_headers.get("add") or {}).items()),
         request_remove=frozenset(h.lower() for h in request_headers.get("remove") or ()),

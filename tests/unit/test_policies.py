@@ -93,6 +93,10 @@ def test_bad_policies_are_400_and_change_nothing(client, doc):
     '{"response_json": {"add": {"x": -Infinity}}}',
     '{"response_json": {"add": {"x": 1e400}}}',
     '{"read_timeout": NaN}',
+    '{"rate_limit": "' + "9" * 400 + '/second"}',  # was stored: then every request was a 500
+    '{"rate_limit": "' + "9" * 5000 + '/second"}',
+    '{"rate_limit": "10/second, burst=' + "9" * 400 + '"}',
+    '{"rate_limit": "1000000001/minute"}',
 ])
 def test_hostile_policy_json_is_400_and_changes_nothing(client, body):
     put_policy(client, {"auth": "none"})
@@ -101,6 +105,20 @@ def test_hostile_policy_json_is_400_and_changes_nothing(client, body):
     assert response.status_code == 400, response.get_json()
     assert response.get_json()["error"] == "bad_request"
     assert client.get("/_gateway/services/svc/policy").get_json()["response_json"] == {"add": {}}
+
+
+def test_a_stored_rate_limit_beyond_the_bounds_falls_back_to_the_global_one(make_app, upstream):
+    """A policy stored before the bounds existed must not stop the registry from loading."""
+    app = make_app(GATEWAY_RATE_LIMIT="2/minute")
+    client = app.test_client()
+    client.post("/register_service", data=f"svc,{UPSTREAM}")
+    upstream.add(responses.GET, f"{UPSTREAM}/", json={})
+    registry = app.extensions["gateway"].registry
+    stored = {**put_policy(client, {"auth": "none"}).get_json(),
+              "rate_limit": "9" * 400 + "/second"}
+    registry.put_policy("svc", stored)  # straight to the store, as an old gateway did
+    assert [client.get("/svc").status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/svc").headers["RateLimit-Limit"] == "2"
 
 
 def test_policy_bodies_that_are_not_json_are_400(client):
