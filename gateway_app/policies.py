@@ -18,7 +18,7 @@ from typing import Any
 from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
 from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
-from .validation import has_dot_segment
+from .validation import check_json_value, has_dot_segment
 
 log = logging.getLogger("gateway.policies")
 
@@ -32,6 +32,8 @@ MAX_JSON_TRANSFORM_BYTES = 1024 * 1024
 MAX_HEADER_VALUE = 4096
 MAX_HEADER_ENTRIES = 32
 MAX_JSON_ADD_BYTES = 16 * 1024
+#: ``response_json.add`` nests this deep at most (the ``add`` object itself is one level).
+MAX_JSON_ADD_DEPTH = 16
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
            "request_headers", "response_headers", "response_json", "balancing", "health_check")
@@ -162,6 +164,7 @@ def validate_policy(doc: object) -> dict[str, Any]:
     json_add = response_json.get("add") or {}
     if not isinstance(json_add, dict):
         raise BadRequest("response_json.add must be an object")
+    check_json_value(json_add, "response_json.add", MAX_JSON_ADD_DEPTH)
     if len(json.dumps(json_add)) > MAX_JSON_ADD_BYTES:
         raise BadRequest(f"response_json.add must be at most {MAX_JSON_ADD_BYTES} bytes")
     balancing = doc.get("balancing")

@@ -7,6 +7,9 @@ import pytest
 import responses
 from requests.structures import CaseInsensitiveDict
 
+from gateway_app.errors import BadRequest
+from gateway_app.policies import MAX_JSON_ADD_DEPTH, validate_policy
+
 UPSTREAM = "http://upstream.test:9000"
 SEED_POLICY = {
     "request_headers": {"add": {"X-Custom-Header": "My API Gateway"}},
@@ -97,6 +100,8 @@ def test_bad_policies_are_400_and_change_nothing(client, doc):
     '{"rate_limit": "' + "9" * 5000 + '/second"}',
     '{"rate_limit": "10/second, burst=' + "9" * 400 + '"}',
     '{"rate_limit": "1000000001/minute"}',
+    '{"response_json": {"add": {"x": ' + "[" * 20 + "]" * 20 + "}}}",  # parses; add too deep
+    '{"response_json": {"add": {"x": 9007199254740992}}}',
 ])
 def test_hostile_policy_json_is_400_and_changes_nothing(client, body):
     put_policy(client, {"auth": "none"})
@@ -119,6 +124,23 @@ def test_a_stored_rate_limit_beyond_the_bounds_falls_back_to_the_global_one(make
     registry.put_policy("svc", stored)  # straight to the store, as an old gateway did
     assert [client.get("/svc").status_code for _ in range(3)] == [200, 200, 429]
     assert client.get("/svc").headers["RateLimit-Limit"] == "2"
+
+
+@pytest.mark.parametrize("json_add", [
+    {"x": float("nan")}, {"x": [float("inf")]}, {"x": "\ud800"}, {"\udc00": 1}, {"x": 2**60},
+    {"x": {1, 2}}, {"x": 1j}, {"x": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]},
+])
+def test_validate_policy_bounds_json_add_built_in_python(json_add):
+    with pytest.raises(BadRequest, match="response_json.add"):
+        validate_policy({"response_json": {"add": json_add}})
+
+
+def test_json_add_within_bounds_is_kept():
+    deep: list = []
+    for _ in range(MAX_JSON_ADD_DEPTH - 2):
+        deep = [deep]
+    add = {"n": 2**53 - 1, "f": -1.5e300, "s": "\u00e9", "deep": deep}
+    assert validate_policy({"response_json": {"add": add}})["response_json"] == {"add": add}
 
 
 def test_policy_bodies_that_are_not_json_are_400(client):
