@@ -28,6 +28,10 @@ from .errors import Unauthorized
 MAX_TOKEN_BYTES = 8192
 #: Verified tokens kept; the oldest go first when it is full.
 CACHE_SIZE = 10_000
+#: The latest time ``exp``, ``nbf`` and ``iat`` may name (9999-12-31T23:59:59Z), and the
+#: magnitude of the earliest: beyond it a time is a mistake or an attack (``exp: 1e308``).
+MAX_NUMERIC_DATE = 253402300799
+_TIME_CLAIMS = ("exp", "nbf", "iat")
 _SUBJECT_RE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]{0,254}[\x21-\x7e])?$")
 
 
@@ -94,9 +98,13 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc) or type(exc).__name__) from None
-        exp = claims.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
-            raise InvalidToken("exp must be a number")
+        for name in _TIME_CLAIMS:
+            value = claims.get(name)
+            if value is None and name != "exp":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE:  # NaN fails too
+                raise InvalidToken(f"{name} must be a number of seconds before the year 10000")
         sub = claims.get("sub")
         if sub is not None and (not isinstance(sub, str) or not _SUBJECT_RE.match(sub)):
             raise InvalidToken("sub must be 1 to 256 printable ASCII characters")

@@ -10,7 +10,7 @@ import responses
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway_app.auth import TokenVerifier
+from gateway_app.auth import MAX_NUMERIC_DATE, TokenVerifier
 from gateway_app.config import load_settings
 from tests.conftest import SECRET, make_token
 
@@ -77,6 +77,37 @@ def test_invalid_tokens_are_401_invalid_token(gw, upstream, make):
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
     assert len(upstream.calls) == 0
+
+
+SOON = int(time.time()) + 300
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": 1e308},  # was accepted, and cached "forever"
+    {"exp": 10**400},  # was a 500: float() of it overflows
+    {"exp": 253402300800},  # a second after 9999-12-31T23:59:59Z
+    {"exp": float("inf")},
+    {"exp": float("nan")},
+    {"exp": SOON, "nbf": float("-inf")},
+    {"exp": SOON, "nbf": -1e308},
+    {"exp": SOON, "nbf": False},
+    {"exp": SOON, "iat": True},
+    {"exp": SOON, "iat": 1e308},
+    {"exp": SOON, "iat": "0"},  # PyJWT reads it with int()
+    {"exp": SOON, "nbf": [0]},
+])
+def test_time_claims_must_be_finite_numbers_before_the_year_10000(gw, upstream, claims):
+    token = jwt.encode({"sub": "a", **claims}, SECRET, algorithm="HS256")
+    response = call(gw(), token)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
+    assert len(upstream.calls) == 0
+
+
+def test_time_claims_up_to_the_year_9999_are_accepted(gw, upstream):
+    token = jwt.encode({"sub": "a", "exp": MAX_NUMERIC_DATE, "iat": SOON - 300, "nbf": 0.5},
+                       SECRET, algorithm="HS256")
+    assert call(gw(), token).status_code == 200
 
 
 def test_token_in_query_string_is_not_accepted(gw, upstream):
