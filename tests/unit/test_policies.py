@@ -191,6 +191,8 @@ def test_header_removal_both_ways(client, upstream, auth):
     ("application/json", b"[1, 2, 3]", {}),
     ("application/json", gzip.compress(b'{"a": 1}'), {"Content-Encoding": "gzip"}),
     ("application/json", b'{"pad": "' + b"x" * (1024 * 1024) + b'"}', {}),
+    ("application/json", b'{"deep": ' + b"[" * 100000 + b"]" * 100000 + b"}", {}),  # a 500 once
+    ("application/json", b'{"lone": "\\ud800"}', {}),  # a 500 once: not writable as UTF-8
 ])
 def test_bodies_that_cannot_take_fields_pass_through_unchanged(client, upstream, auth,
                                                                content_type, body, headers):
