@@ -121,9 +121,9 @@ def instance_id(address: str) -> str:
 def check_ttl(ttl: object) -> float | None:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise BadRequest("ttl must be a number of seconds")
-    if not 1 <= ttl <= MAX_TTL:
+    if not 1 <= ttl <= MAX_TTL:  # NaN fails it too (math.isfinite overflows on a huge int)
         raise BadRequest(f"ttl must be between 1 and {MAX_TTL} seconds")
     return float(ttl)
 

@@ -135,6 +135,16 @@ def test_validate_policy_bounds_json_add_built_in_python(json_add):
         validate_policy({"response_json": {"add": json_add}})
 
 
+@pytest.mark.parametrize("doc", [
+    {"connect_timeout": 10**400}, {"read_timeout": -(10**400)}, {"read_timeout": float("nan")},
+    {"health_check": {"interval": 10**400}}, {"health_check": {"timeout": float("nan")}},
+    {"rate_limit": "9" * 400 + "/hour"},
+])
+def test_validate_policy_bounds_numbers_built_in_python(doc):
+    with pytest.raises(BadRequest):
+        validate_policy(doc)
+
+
 def test_json_add_within_bounds_is_kept():
     deep: list = []
     for _ in range(MAX_JSON_ADD_DEPTH - 2):

@@ -73,7 +73,7 @@ def test_dot_segments(path, expected):
 def test_ttl_weight_metadata_rules():
     assert check_ttl(None) is None
     assert check_ttl(30) == 30.0
-    for bad in (True, 0, 86401, "30", float("nan")):
+    for bad in (True, 0, 86401, "30", float("nan"), float("inf"), 10**400):
         with pytest.raises(BadRequest):
             check_ttl(bad)
     assert check_weight(None) == 1
