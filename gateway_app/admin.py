@@ -9,7 +9,6 @@ token. Anyone else gets 401 and nothing changes.
 from __future__ import annotations
 
 import hmac
-import json
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -37,6 +36,7 @@ from .validation import (
     check_weight,
     instance_id,
     normalise_address,
+    parse_json,
 )
 
 #: Registry request bodies larger than this get 413.
@@ -92,10 +92,7 @@ def _read_body() -> str:
 def _parse_body(text: str) -> dict[str, Any] | tuple[str, str | None]:
     """JSON object when the body is JSON, else the seed's ``name[,address]`` as a tuple."""
     if request.mimetype == "application/json" or text.lstrip().startswith("{"):
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise BadRequest("the body is not valid JSON") from None
+        doc = parse_json(text)
         if not isinstance(doc, dict):
             raise BadRequest("the JSON body must be an object")
         return doc
@@ -237,12 +234,7 @@ def get_policy(name: str) -> Response:
 @bp.put("/_gateway/services/<name>/policy")
 def put_policy(name: str) -> tuple[Response, int]:
     name = check_name(name)
-    text = _read_body()
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        raise BadRequest("the policy must be a JSON object") from None
-    stored = validate_policy(doc)
+    stored = validate_policy(parse_json(_read_body(), "the policy"))
     registry = current_app.extensions["gateway"].registry
     created = name not in registry.current().policy_docs
     registry.put_policy(name, stored)

@@ -33,7 +33,11 @@ MIN_SECRET_BYTES = 32
 DEFAULT_AUTH_FAILURE_LIMIT = "10/second, burst=50"
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$")
+#: A rate limit's N and its burst B are each 1 to this many tokens.
+MAX_RATE_LIMIT = 10**9
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$",
+                      re.ASCII)
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
 
@@ -63,11 +67,16 @@ def parse_rate_limit(text: str, name: str = "rate_limit") -> RateLimit:
     match = _RATE_RE.match(text)
     if not match:
         raise ConfigError(f"{name}: expected N/second, N/minute or N/hour (optionally ', burst=B'),"
-                          f" got {text!r}")
-    limit = int(match.group(1))
-    burst = int(match.group(3)) if match.group(3) else limit
-    if limit < 1 or burst < 1:
-        raise ConfigError(f"{name}: the limit and the burst must be at least 1, got {text!r}")
+                          f" got {text[:64]!r}")
+    counts = []
+    for digits in (match.group(1), match.group(3) or match.group(1)):
+        # The length first: int() of thousands of digits is slow, then refused outright.
+        count = int(digits) if len(digits) <= 12 else 0
+        if not 1 <= count <= MAX_RATE_LIMIT:
+            raise ConfigError(f"{name}: the limit and the burst must each be between 1 and "
+                              f"{MAX_RATE_LIMIT}, got {text[:64]!r}")
+        counts.append(count)
+    limit, burst = counts
     return RateLimit(limit=limit, period=_PERIODS[match.group(2)], burst=burst)
 
 

@@ -9,7 +9,7 @@ reads attributes.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +17,9 @@ from typing import Any
 from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
 from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
-from .validation import has_dot_segment
+from .validation import check_json_value, has_dot_segment
+
+log = logging.getLogger("gateway.policies")
 
 #: Response headers the gateway owns: a policy may neither add nor remove them.
 GATEWAY_OWNED_RESPONSE = frozenset({
@@ -29,6 +31,8 @@ MAX_JSON_TRANSFORM_BYTES = 1024 * 1024
 MAX_HEADER_VALUE = 4096
 MAX_HEADER_ENTRIES = 32
 MAX_JSON_ADD_BYTES = 16 * 1024
+#: ``response_json.add`` nests this deep at most (the ``add`` object itself is one level).
+MAX_JSON_ADD_DEPTH = 16
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
            "request_headers", "response_headers", "response_json", "balancing", "health_check")
@@ -75,9 +79,9 @@ def _number(doc: dict[str, Any], key: str, high: float) -> float | None:
     value = doc.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{key} must be a number of seconds or null")
-    if not 0.01 <= value <= high:
+    if not 0.01 <= value <= high:  # NaN fails it too (math.isfinite overflows on a huge int)
         raise BadRequest(f"{key} must be between 0.01 and {high} seconds")
     return float(value)
 
@@ -159,6 +163,7 @@ def validate_policy(doc: object) -> dict[str, Any]:
     json_add = response_json.get("add") or {}
     if not isinstance(json_add, dict):
         raise BadRequest("response_json.add must be an object")
+    check_json_value(json_add, "response_json.add", MAX_JSON_ADD_DEPTH)
     if len(json.dumps(json_add)) > MAX_JSON_ADD_BYTES:
         raise BadRequest(f"response_json.add must be at most {MAX_JSON_ADD_BYTES} bytes")
     balancing = doc.get("balancing")
@@ -178,16 +183,29 @@ def validate_policy(doc: object) -> dict[str, Any]:
     }
 
 
+def _stored_rate_limit(text: str | None) -> RateLimit | None | bool:
+    if not text:
+        return None
+    if text == "off":
+        return False
+    try:
+        return parse_rate_limit(text)
+    except ConfigError as exc:
+        # Stored before MAX_RATE_LIMIT existed (it then made every request a 500): the
+        # gateway-wide limit applies instead, and the registry still loads.
+        log.warning("a stored policy's rate limit is ignored: %s", exc)
+        return None
+
+
 def compile_policy(stored: dict[str, Any]) -> Policy:
     """The hot-path form of a stored (already validated) policy."""
-    limit = stored.get("rate_limit")
     request_headers = stored.get("request_headers") or {}
     response_headers = stored.get("response_headers") or {}
     return Policy(
         strip_prefix=stored.get("strip_prefix", True),
         connect_timeout=stored.get("connect_timeout"),
         read_timeout=stored.get("read_timeout"),
-        rate_limit=False if limit == "off" else parse_rate_limit(limit) if limit else None,
+        rate_limit=_stored_rate_limit(stored.get("rate_limit")),
         public=stored.get("auth") == "none",
         request_add=tuple((request_headers.get("add") or {}).items()),
         request_remove=frozenset(h.lower() for h in request_headers.get("remove") or ()),

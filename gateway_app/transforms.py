@@ -1,8 +1,9 @@
 """Transformations a service's policy asks for: headers both ways, fields added to JSON bodies.
 
 Only JSON responses within :data:`~gateway_app.policies.MAX_JSON_TRANSFORM_BYTES` are read
-whole; everything else stays streamed and untouched. A body that is not a JSON object passes
-through as it came.
+whole; everything else stays streamed and untouched. A body that is not a JSON object, or that
+this interpreter cannot parse or write back (nesting past its recursion limit, a lone surrogate
+such as ``"\\ud800"``), passes through as it came.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy, met
         return _chain(data, stream_body(upstream, description))
     try:
         doc = json.loads(data)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        doc.update(policy.json_add)
-        data = json.dumps(doc, ensure_ascii=False).encode()
+        if isinstance(doc, dict):
+            doc.update(policy.json_add)
+            data = json.dumps(doc, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):
+        pass  # not JSON, nested too deep to parse, or holding a lone surrogate: as it came
     headers[:] = [(k, v) for k, v in headers if k.lower() != "content-length"]
     headers.append(("Content-Length", str(len(data))))
     return [data]

@@ -1,4 +1,5 @@
-"""Rules for what a caller may register: service names, addresses, ttl, weight, metadata.
+"""Rules for what a caller may register: service names, addresses, ttl, weight, metadata, and
+the JSON bodies of the registry API.
 
 Everything here is pure: it takes text and returns a normalised value or raises
 :class:`~gateway_app.errors.BadRequest` with a sentence saying what is wrong.
@@ -11,6 +12,7 @@ import ipaddress
 import json
 import math
 import re
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 from .errors import BadRequest
@@ -30,6 +32,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_TTL = 86400
 MAX_WEIGHT = 1000
 MAX_METADATA_BYTES = 4096
+#: Registry and policy bodies may nest arrays and objects this deep, no deeper.
+MAX_JSON_DEPTH = 32
+#: Integers in registry and policy bodies are within +-(2**53 - 1), the range every JSON reader
+#: holds exactly (I-JSON, RFC 7493); other numbers must be finite.
+MAX_JSON_INTEGER = 2**53 - 1
+_SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 
 
 def check_name(name: object) -> str:
@@ -130,9 +138,9 @@ def instance_id(address: str) -> str:
 def check_ttl(ttl: object) -> float | None:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl):
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
         raise BadRequest("ttl must be a number of seconds")
-    if not 1 <= ttl <= MAX_TTL:
+    if not 1 <= ttl <= MAX_TTL:  # NaN fails it too (math.isfinite overflows on a huge int)
         raise BadRequest(f"ttl must be between 1 and {MAX_TTL} seconds")
     return float(ttl)
 
@@ -154,7 +162,83 @@ def check_metadata(metadata: object) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise BadRequest("metadata must be an object of string keys and string values")
+    check_json_value(metadata, "metadata", max_depth=1)
     encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode()
     if len(encoded) > MAX_METADATA_BYTES:
         raise BadRequest(f"metadata must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return dict(metadata)
+
+
+# -- JSON bodies -----------------------------------------------------------------------------
+
+
+class _Refused(ValueError):
+    """Raised by the parser's hooks: the message is the reason given to the caller."""
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:32]} is too large")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 17 or abs(value := int(text)) > MAX_JSON_INTEGER:
+        raise _Refused(f"integers must be within +-{MAX_JSON_INTEGER}")
+    return value
+
+
+def check_json_value(value: object, what: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse, with :class:`BadRequest`, a value that is not plain JSON within the gateway's
+    bounds: nesting deeper than ``max_depth``, a string with a lone surrogate (it cannot be
+    written as UTF-8), a number that is not finite or an integer beyond :data:`MAX_JSON_INTEGER`.
+    """
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE_RE.search(item):
+                raise BadRequest(f"{what} holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
+        elif isinstance(item, bool) or item is None:
+            pass
+        elif isinstance(item, int):
+            if abs(item) > MAX_JSON_INTEGER:
+                raise BadRequest(f"{what}: integers must be within +-{MAX_JSON_INTEGER}")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise BadRequest(f"{what}: numbers must be finite")
+        elif isinstance(item, dict | list):
+            if depth >= max_depth:
+                raise BadRequest(f"{what} nests deeper than {max_depth} levels")
+            if isinstance(item, dict):
+                stack.extend((key, depth + 1) for key in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+        else:
+            raise BadRequest(f"{what} holds a value that is not JSON")
+
+
+def parse_json(text: str, what: str = "the body") -> Any:
+    """The JSON document in ``text``, within the bounds of :func:`check_json_value`.
+
+    The one parser of every registry and policy body: Python's own accepts ``NaN`` and
+    ``Infinity``, turns ``1e400`` into infinity, and raises :class:`RecursionError` (not
+    ``ValueError``) on deep nesting; here each of those is a :class:`BadRequest`.
+    """
+    try:
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         parse_int=_bounded_int)
+    except _Refused as exc:
+        raise BadRequest(f"{what} is refused: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise BadRequest(f"{what} is not valid JSON: {exc}") from None
+    check_json_value(doc, what)
+    return doc

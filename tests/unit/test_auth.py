@@ -3,6 +3,7 @@
 import base64
 import json
 import time
+from collections import OrderedDict
 
 import jwt
 import pytest
@@ -10,7 +11,7 @@ import responses
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway_app.auth import TokenVerifier
+from gateway_app.auth import MAX_NUMERIC_DATE, InvalidToken, TokenVerifier
 from gateway_app.config import load_settings
 from tests.conftest import SECRET, make_token
 
@@ -77,6 +78,37 @@ def test_invalid_tokens_are_401_invalid_token(gw, upstream, make):
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
     assert len(upstream.calls) == 0
+
+
+SOON = int(time.time()) + 300
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": 1e308},  # was accepted, and cached "forever"
+    {"exp": 10**400},  # was a 500: float() of it overflows
+    {"exp": 253402300800},  # a second after 9999-12-31T23:59:59Z
+    {"exp": float("inf")},
+    {"exp": float("nan")},
+    {"exp": SOON, "nbf": float("-inf")},
+    {"exp": SOON, "nbf": -1e308},
+    {"exp": SOON, "nbf": False},
+    {"exp": SOON, "iat": True},
+    {"exp": SOON, "iat": 1e308},
+    {"exp": SOON, "iat": "0"},  # PyJWT reads it with int()
+    {"exp": SOON, "nbf": [0]},
+])
+def test_time_claims_must_be_finite_numbers_before_the_year_10000(gw, upstream, claims):
+    token = jwt.encode({"sub": "a", **claims}, SECRET, algorithm="HS256")
+    response = call(gw(), token)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="gateway", error="invalid_token"'
+    assert len(upstream.calls) == 0
+
+
+def test_time_claims_up_to_the_year_9999_are_accepted(gw, upstream):
+    token = jwt.encode({"sub": "a", "exp": MAX_NUMERIC_DATE, "iat": SOON - 300, "nbf": 0.5},
+                       SECRET, algorithm="HS256")
+    assert call(gw(), token).status_code == 200
 
 
 def test_token_in_query_string_is_not_accepted(gw, upstream):
@@ -163,6 +195,91 @@ def test_cache_never_outlives_exp(monkeypatch):
     monkeypatch.setattr(time, "time", lambda: now + 11)
     verifier.verify(token)  # PyJWT's own clock still says valid; ours says: check again
     assert len(decoded) == 2
+
+
+class CountingCache(OrderedDict):
+    """An OrderedDict that counts passes over its entries and evictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scans = self.evictions = 0
+
+    def __iter__(self):
+        self.scans += 1
+        return super().__iter__()
+
+    def keys(self):
+        self.scans += 1
+        return super().keys()
+
+    def values(self):
+        self.scans += 1
+        return super().values()
+
+    def items(self):
+        self.scans += 1
+        return super().items()
+
+    def popitem(self, last=True):
+        self.evictions += 1
+        return super().popitem(last)
+
+
+def test_a_full_cache_evicts_its_oldest_entry_without_a_scan(monkeypatch):
+    """Eviction is O(1): one entry out per entry in, never a pass over the cache."""
+    import gateway_app.auth as auth
+
+    monkeypatch.setattr(auth, "CACHE_SIZE", 50)
+    monkeypatch.setattr(auth, "OrderedDict", CountingCache)
+    verifier = TokenVerifier(load_settings({}), SECRET.encode())
+    tokens = [make_token(sub=f"user{i}") for i in range(80)]
+    for t in tokens[:50]:
+        verifier.verify(t)
+    cache = verifier._cache
+    assert isinstance(cache, CountingCache) and cache.evictions == 0
+    for t in tokens[50:]:
+        verifier.verify(t)
+    assert (cache.scans, cache.evictions) == (0, 30)
+    assert list(cache) == tokens[30:]  # the oldest went first
+
+
+def test_cache_is_bounded_in_bytes_as_well_as_entries(monkeypatch):
+    import gateway_app.auth as auth
+
+    verifier = TokenVerifier(load_settings({}), SECRET.encode())
+    small = [make_token(sub=f"user{i}") for i in range(auth.CACHE_SIZE + 100)]
+    for t in small:
+        verifier.verify(t)
+    assert len(verifier._cache) == auth.CACHE_SIZE
+    assert verifier._cache_bytes == sum(auth._entry_cost(t) for t in verifier._cache)
+    assert verifier._cache_bytes <= auth.CACHE_BYTES
+
+    big = [make_token(sub=f"big{i:04d}", groups="g" * 5800) for i in range(1500)]  # 7.8 KB
+    fit = auth.CACHE_BYTES // auth._entry_cost(big[0])
+    assert fit < 1500
+    for t in big:
+        verifier.verify(t)
+    assert verifier._cache_bytes <= auth.CACHE_BYTES
+    assert verifier._cache_bytes == sum(auth._entry_cost(t) for t in verifier._cache)
+    kept = [claims["sub"] for claims, _ in verifier._cache.values()]
+    assert kept == [f"big{i:04d}" for i in range(1500 - fit, 1500)]  # as many as fit, newest
+
+
+def test_an_expired_entry_is_dropped_when_found(monkeypatch):
+    verifier = TokenVerifier(load_settings({}), SECRET.encode())
+    token = make_token(ttl=10)
+    verifier.verify(token)
+    assert token in verifier._cache
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 11)
+
+    def refuse(token):
+        raise InvalidToken("expired")
+
+    monkeypatch.setattr(verifier, "_decode", refuse)
+    with pytest.raises(InvalidToken):
+        verifier.verify(token)
+    assert token not in verifier._cache and verifier._cache_bytes == 0
 
 
 def test_cache_is_bounded(monkeypatch):

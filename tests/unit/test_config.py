@@ -4,7 +4,13 @@ import stat
 
 import pytest
 
-from gateway_app.config import ConfigError, load_settings, parse_rate_limit, read_or_create_secret
+from gateway_app.config import (
+    MAX_RATE_LIMIT,
+    ConfigError,
+    load_settings,
+    parse_rate_limit,
+    read_or_create_secret,
+)
 
 
 @pytest.mark.parametrize("env, variable", [
@@ -19,6 +25,7 @@ from gateway_app.config import ConfigError, load_settings, parse_rate_limit, rea
     ({"GATEWAY_READ_TIMEOUT": "soon"}, "GATEWAY_READ_TIMEOUT"),
     ({"GATEWAY_LOG_FORMAT": "xml"}, "GATEWAY_LOG_FORMAT"),
     ({"GATEWAY_RATE_LIMIT": "lots"}, "GATEWAY_RATE_LIMIT"),
+    ({"GATEWAY_RATE_LIMIT": "9" * 400 + "/second"}, "GATEWAY_RATE_LIMIT"),
     ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
     ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
@@ -58,3 +65,24 @@ def test_generated_secret_is_created_once_with_mode_0600(tmp_path):
     assert read_or_create_secret(settings) == first
     mode = (tmp_path / "jwt-secret").stat().st_mode
     assert stat.S_IMODE(mode) == 0o600
+
+
+@pytest.mark.parametrize("text", [
+    "9" * 400 + "/second",  # accepted, then every request overflowed a float: a 500
+    "9" * 5000 + "/minute",  # beyond int()'s digit limit: a ValueError, not a ConfigError
+    "1000000001/second",
+    "10/second, burst=1000000001",
+    "10/second, burst=" + "9" * 400,
+    "0/second",
+    "10/second, burst=0",
+    "\u0663/second",  # an Arabic-Indic three: \\d matches it, int() reads it
+])
+def test_rate_limits_out_of_bounds_are_refused(text):
+    with pytest.raises(ConfigError, match="rate_limit"):
+        parse_rate_limit(text)
+
+
+def test_rate_limit_bounds_are_inclusive():
+    top = parse_rate_limit(f"{MAX_RATE_LIMIT}/second, burst={MAX_RATE_LIMIT}")
+    assert (top.rate, top.capacity) == (MAX_RATE_LIMIT, MAX_RATE_LIMIT)
+    assert parse_rate_limit("1/hour, burst=1").rate == 1 / 3600

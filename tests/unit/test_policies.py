@@ -7,6 +7,9 @@ import pytest
 import responses
 from requests.structures import CaseInsensitiveDict
 
+from gateway_app.errors import BadRequest
+from gateway_app.policies import MAX_JSON_ADD_DEPTH, validate_policy
+
 UPSTREAM = "http://upstream.test:9000"
 SEED_POLICY = {
     "request_headers": {"add": {"X-Custom-Header": "My API Gateway"}},
@@ -82,6 +85,74 @@ def test_bad_policies_are_400_and_change_nothing(client, doc):
     assert client.get("/_gateway/services/svc/policy").get_json()["auth"] == "none"
 
 
+@pytest.mark.parametrize("body", [
+    "[" * 60000,  # json.loads alone raises RecursionError
+    '{"response_json": {"add": {"x": ' + "[" * 40 + "]" * 40 + "}}}",
+    '{"response_json": {"add": {"x": "\\ud800"}}}',
+    '{"response_json": {"add": {"\\udc00": 1}}}',
+    '{"request_headers": {"add": {"X-A": "\\ud800"}}}',
+    '{"response_json": {"add": {"x": NaN}}}',
+    '{"response_json": {"add": {"x": Infinity}}}',
+    '{"response_json": {"add": {"x": -Infinity}}}',
+    '{"response_json": {"add": {"x": 1e400}}}',
+    '{"read_timeout": NaN}',
+    '{"rate_limit": "' + "9" * 400 + '/second"}',  # was stored: then every request was a 500
+    '{"rate_limit": "' + "9" * 5000 + '/second"}',
+    '{"rate_limit": "10/second, burst=' + "9" * 400 + '"}',
+    '{"rate_limit": "1000000001/minute"}',
+    '{"response_json": {"add": {"x": ' + "[" * 20 + "]" * 20 + "}}}",  # parses; add too deep
+    '{"response_json": {"add": {"x": 9007199254740992}}}',
+])
+def test_hostile_policy_json_is_400_and_changes_nothing(client, body):
+    put_policy(client, {"auth": "none"})
+    response = client.put("/_gateway/services/svc/policy", data=body,
+                          content_type="application/json")
+    assert response.status_code == 400, response.get_json()
+    assert response.get_json()["error"] == "bad_request"
+    assert client.get("/_gateway/services/svc/policy").get_json()["response_json"] == {"add": {}}
+
+
+def test_a_stored_rate_limit_beyond_the_bounds_falls_back_to_the_global_one(make_app, upstream):
+    """A policy stored before the bounds existed must not stop the registry from loading."""
+    app = make_app(GATEWAY_RATE_LIMIT="2/minute")
+    client = app.test_client()
+    client.post("/register_service", data=f"svc,{UPSTREAM}")
+    upstream.add(responses.GET, f"{UPSTREAM}/", json={})
+    registry = app.extensions["gateway"].registry
+    stored = {**put_policy(client, {"auth": "none"}).get_json(),
+              "rate_limit": "9" * 400 + "/second"}
+    registry.put_policy("svc", stored)  # straight to the store, as an old gateway did
+    assert [client.get("/svc").status_code for _ in range(3)] == [200, 200, 429]
+    assert client.get("/svc").headers["RateLimit-Limit"] == "2"
+
+
+@pytest.mark.parametrize("json_add", [
+    {"x": float("nan")}, {"x": [float("inf")]}, {"x": "\ud800"}, {"\udc00": 1}, {"x": 2**60},
+    {"x": {1, 2}}, {"x": 1j}, {"x": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]},
+])
+def test_validate_policy_bounds_json_add_built_in_python(json_add):
+    with pytest.raises(BadRequest, match="response_json.add"):
+        validate_policy({"response_json": {"add": json_add}})
+
+
+@pytest.mark.parametrize("doc", [
+    {"connect_timeout": 10**400}, {"read_timeout": -(10**400)}, {"read_timeout": float("nan")},
+    {"health_check": {"interval": 10**400}}, {"health_check": {"timeout": float("nan")}},
+    {"rate_limit": "9" * 400 + "/hour"},
+])
+def test_validate_policy_bounds_numbers_built_in_python(doc):
+    with pytest.raises(BadRequest):
+        validate_policy(doc)
+
+
+def test_json_add_within_bounds_is_kept():
+    deep: list = []
+    for _ in range(MAX_JSON_ADD_DEPTH - 2):
+        deep = [deep]
+    add = {"n": 2**53 - 1, "f": -1.5e300, "s": "\u00e9", "deep": deep}
+    assert validate_policy({"response_json": {"add": add}})["response_json"] == {"add": add}
+
+
 def test_policy_bodies_that_are_not_json_are_400(client):
     response = client.put("/_gateway/services/svc/policy", data="auth=none")
     assert response.status_code == 400
@@ -130,6 +201,8 @@ def test_header_removal_both_ways(client, upstream, auth):
     ("application/json", b"[1, 2, 3]", {}),
     ("application/json", gzip.compress(b'{"a": 1}'), {"Content-Encoding": "gzip"}),
     ("application/json", b'{"pad": "' + b"x" * (1024 * 1024) + b'"}', {}),
+    ("application/json", b'{"deep": ' + b"[" * 100000 + b"]" * 100000 + b"}", {}),  # a 500 once
+    ("application/json", b'{"lone": "\\ud800"}', {}),  # a 500 once: not writable as UTF-8
 ])
 def test_bodies_that_cannot_take_fields_pass_through_unchanged(client, upstream, auth,
                                                                content_type, body, headers):

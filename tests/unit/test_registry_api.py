@@ -70,6 +70,37 @@ def test_bad_registrations_are_400_and_change_nothing(client, body, content_type
     assert listing(client) == [("keep", "http://localhost:1")]
 
 
+#: Under the 64 KiB body limit, yet deep enough that json.loads alone raises RecursionError.
+DEEP = "[" * 60000
+VALID = '"name": "a", "address": "http://127.0.0.1:1"'
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/register_service", DEEP),
+    ("/register_service", '{"name": ' + DEEP),
+    ("/register_service", '{"name": ' + "[" * 40 + "]" * 40 + "}"),  # valid JSON, too deep
+    ("/deregister_service", DEEP),
+    ("/deregister_service", '{"name": ' + DEEP),
+    ("/register_service", '{' + VALID + ', "metadata": {"k": "\\ud800"}}'),
+    ("/register_service", '{' + VALID + ', "metadata": {"\\udfff": "v"}}'),
+    ("/register_service", '{"name": "\\ud800", "address": "http://127.0.0.1:1"}'),
+    ("/deregister_service", '{"name": "a", "address": "http://\\ud800"}'),
+    ("/register_service", '{' + VALID + ', "ttl": NaN}'),
+    ("/register_service", '{' + VALID + ', "ttl": Infinity}'),
+    ("/register_service", '{' + VALID + ', "weight": -Infinity}'),
+    ("/register_service", '{' + VALID + ', "ttl": 1e400}'),
+    ("/register_service", '{' + VALID + ', "weight": ' + "9" * 5000 + '}'),
+])
+def test_hostile_json_is_400_and_changes_nothing(client, path, body):
+    client.post("/register_service", data="a,http://127.0.0.1:1")
+    for content_type in ("application/json", "text/plain"):
+        response = client.post(path, data=body, content_type=content_type)
+        assert response.status_code == 400, response.get_json()
+        assert response.get_json()["error"] == "bad_request"
+        assert listing(client) == [("a", "http://127.0.0.1:1")]
+        assert client.get("/_gateway/services/a").get_json()["instances"][0]["metadata"] == {}
+
+
 def test_oversized_registration_is_413(client):
     response = client.post("/register_service", data="x," + "a" * 70000)
     assert response.status_code == 413

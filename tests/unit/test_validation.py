@@ -4,6 +4,7 @@ import pytest
 
 from gateway_app.errors import BadRequest
 from gateway_app.validation import (
+    check_json_value,
     check_metadata,
     check_name,
     check_ttl,
@@ -11,6 +12,7 @@ from gateway_app.validation import (
     has_dot_segment,
     instance_id,
     normalise_address,
+    parse_json,
 )
 
 
@@ -71,7 +73,7 @@ def test_dot_segments(path, expected):
 def test_ttl_weight_metadata_rules():
     assert check_ttl(None) is None
     assert check_ttl(30) == 30.0
-    for bad in (True, 0, 86401, "30", float("nan")):
+    for bad in (True, 0, 86401, "30", float("nan"), float("inf"), 10**400):
         with pytest.raises(BadRequest):
             check_ttl(bad)
     assert check_weight(None) == 1
@@ -79,6 +81,32 @@ def test_ttl_weight_metadata_rules():
         with pytest.raises(BadRequest):
             check_weight(bad)
     assert check_metadata({"zone": "a"}) == {"zone": "a"}
-    for bad in ([], {"a": 1}, {"a": "x" * 5000}):
+    for bad in ([], {"a": 1}, {"a": "x" * 5000}, {"a": "\ud800"}):
         with pytest.raises(BadRequest):
             check_metadata(bad)
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 60000, "[" * 33 + "]" * 33, '{"a": ' * 33 + "1" + "}" * 33,
+    "NaN", "[Infinity]", '{"a": -Infinity}', "1e400", "-1e400", str(2**53), str(-(2**53)),
+    "9" * 5000, '"\\ud800"', '{"\\udfff": 1}', '["ok", "\\udc00x"]', "{", "",
+])
+def test_parse_json_refuses_what_the_gateway_cannot_hold(text):
+    with pytest.raises(BadRequest):
+        parse_json(text)
+
+
+def test_parse_json_accepts_plain_json_within_bounds():
+    deep = "[" * 32 + "]" * 32
+    assert parse_json(deep) is not None
+    doc = parse_json('{"a": [1, 2.5, -0.0, null, true, "\\u00e9\\ud83d\\ude00"], "b": 1e300}')
+    assert doc == {"a": [1, 2.5, -0.0, None, True, "é\U0001F600"], "b": 1e300}
+    assert parse_json(str(2**53 - 1)) == 2**53 - 1
+
+
+def test_check_json_value_bounds_values_built_in_python():
+    check_json_value({"a": [1, "x", None]}, "v", max_depth=2)
+    for bad, depth in (({"a": [[]]}, 2), ({"a": float("nan")}, 8), ({"a": "\ud800"}, 8),
+                       ({"a": 2**60}, 8), ({"a": {1, 2}}, 8)):
+        with pytest.raises(BadRequest):
+            check_json_value(bad, "v", max_depth=depth)
