@@ -325,3 +325,46 @@ def test_each_forwarded_request_carries_the_gateways_via_marker(gateway, upstrea
                             timeout=10).json()["headers"]["Via"] for _ in range(8)}
     assert len(markers) == 1
     wait_for(lambda: True)
+
+
+def test_registry_bodies_that_used_to_500_are_refused_and_change_nothing(gateway, upstream):
+    gateway.register("echo", upstream.address)
+    before = gateway.services()
+    bodies = [
+        "[" * 60_000,
+        '{"name": ' + "[" * 30_000 + "]" * 30_000 + "}",
+        '{"name": "a", "address": "http://127.0.0.1:1", "metadata": {"k": "\\ud800"}}',
+        '{"name": "a", "address": "http://127.0.0.1:1", "ttl": NaN}',
+        '{"name": "a", "address": "http://127.0.0.1:1", "weight": 1e400}',
+    ]
+    for body in bodies:
+        for path in ("/register_service", "/deregister_service"):
+            answer = requests.post(gateway.url + path, data=body, timeout=10,
+                                   headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400, (path, body[:60], answer.text[:200])
+            assert answer.json()["error"] == "bad_request"
+    assert gateway.services() == before
+
+
+def test_a_policy_number_out_of_bounds_is_refused_and_the_service_keeps_working(
+        gateway, upstream):
+    gateway.register("echo", upstream.address)
+    for policy in ({"rate_limit": "9" * 400 + "/second"}, {"connect_timeout": 10**400},
+                   {"response_json": {"add": {"x": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}}}):
+        answer = requests.put(f"{gateway.url}/_gateway/services/echo/policy", timeout=10,
+                              data=json.dumps(policy), headers={"Content-Type":
+                                                                "application/json"})
+        assert answer.status_code == 400, policy
+    assert requests.get(f"{gateway.url}/_gateway/services/echo/policy",
+                        timeout=10).status_code == 404
+    assert requests.get(f"{gateway.url}/echo/x", headers=bearer(), timeout=10).status_code == 200
+
+
+def test_a_token_whose_exp_is_absurd_is_refused(gateway, upstream):
+    gateway.register("echo", upstream.address)
+    gateway.wait_routable("/echo/x", bearer())
+    for exp in (1e308, 10**30, True):
+        answer = requests.get(f"{gateway.url}/echo/x", timeout=10,
+                              headers={"Authorization": f"Bearer {make_token(exp=exp)}"})
+        assert answer.status_code == 401, exp
+        assert answer.json()["error"] == "unauthorized"
