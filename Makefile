@@ -1,11 +1,11 @@
-# Everything a user types: make run | test | demo | bench | lint
+# Everything a user types: make run | test | test-unit | check | demo | bench | lint
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test demo bench lint clean
+.PHONY: run test test-unit check demo bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ $(TSTAMP): $(STAMP) requirements-test.txt
 run: $(STAMP)
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# Unit tests first: they fail in seconds where the integration tests take minutes.
 test: $(TSTAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+test-unit: $(TSTAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# The one command before a commit: lint, types, unit tests.
+check: lint test-unit
 
 lint: $(TSTAMP)
 	$(BIN)/ruff check gateway_app tests examples bench wsgi.py gunicorn.conf.py

@@ -120,6 +120,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
         if not decision.allowed:
             refusal = decision
     if refusal is not None:
+        headers.pop("WWW-Authenticate", None)  # not a challenge: come back later
         headers["Retry-After"] = str(refusal.retry_after)
         return error_response(429, RateLimited.error, "too many requests with a refused "
                               "token from this address", headers)

@@ -18,6 +18,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Seconds a readiness wait tolerates (a booting gateway on a loaded machine); waits that test
+#: a contract's deadline pass that deadline instead.
+READY_TIMEOUT = 60.0
 
 
 def free_port() -> int:
@@ -69,13 +72,13 @@ class Gateway:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                return requests.get(self.url + "/_gateway/health", timeout=1).status_code == 200
-            except requests.ConnectionError:
+                return requests.get(self.url + "/_gateway/health", timeout=5).status_code == 200
+            except requests.RequestException:  # not listening yet, or a booting worker is slow
                 return False
 
         wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
@@ -143,8 +146,9 @@ class Gateway:
 
 
     def wait_routable(self, path: str, headers: dict, status: int | tuple[int, ...] = 200,
-                      timeout: float = 1.0) -> None:
-        """Wait (at most the spec's 1 s) until ``path`` answers ``status`` on every worker."""
+                      timeout: float = READY_TIMEOUT) -> None:
+        """Wait until ``path`` answers ``status`` on every worker. A readiness wait, generous
+        for a loaded machine; a test of the spec's one second passes ``timeout=1.0``."""
         tries = 4 * int(self.env["GATEWAY_WORKERS"])
         wanted = status if isinstance(status, tuple) else (status,)
         wait_for(lambda: all(self.fresh_get(path, headers).status_code in wanted

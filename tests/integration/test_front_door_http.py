@@ -14,7 +14,6 @@ from tests.support import (
     parse_response,
     raw_request,
     send_raw,
-    wait_for,
 )
 
 
@@ -226,6 +225,7 @@ def test_refused_tokens_from_one_address_are_answered_429_once_its_bucket_is_emp
             if answer.status_code == 429:
                 assert int(answer.headers["Retry-After"]) >= 1
                 assert answer.json()["error"] == "rate_limited"
+                assert "WWW-Authenticate" not in answer.headers
     assert statuses.count(401) <= 6 and statuses[-1] == 429, statuses
     # A valid token from the same address is not held back by the sprayer's bucket.
     assert requests.get(f"{gateway.url}/echo/x", headers=bearer(), timeout=10).status_code == 200
@@ -324,7 +324,6 @@ def test_each_forwarded_request_carries_the_gateways_via_marker(gateway, upstrea
     markers = {requests.get(f"{gateway.url}/echo/x", headers={**bearer(), "Connection": "close"},
                             timeout=10).json()["headers"]["Via"] for _ in range(8)}
     assert len(markers) == 1
-    wait_for(lambda: True)
 
 
 def test_registry_bodies_that_used_to_500_are_refused_and_change_nothing(gateway, upstream):

@@ -68,7 +68,7 @@ def test_seed_transformations_end_to_end(gateway, upstream, auth):
         return response if response.headers.get("X-Custom-Header") else None
 
     for _ in range(8):  # on every worker
-        response = wait_for(transformed, timeout=1, what="the policy on every worker")
+        response = wait_for(transformed, timeout=30, what="the policy on every worker")
         body = response.json()
         assert body["custom"] == "This is a custom message"
         assert body["path"] == "/greet"

@@ -251,7 +251,7 @@ def test_504_when_upstream_does_not_accept_the_connection(start_gateway, auth):
     try:
         gateway = start_gateway(GATEWAY_CONNECT_TIMEOUT=0.3)
         gateway.register("blackhole", f"http://127.0.0.1:{port}")
-        gateway.wait_routable("/blackhole/", auth, status=504, timeout=3)
+        gateway.wait_routable("/blackhole/", auth, status=504, timeout=30)
         assert error_of(gateway.fresh_get("/blackhole/", auth)) == (504, "gateway_timeout")
     finally:
         for s in fillers:

@@ -86,7 +86,7 @@ def test_lapsed_lease_leaves_rotation_and_listing(start_gateway, upstream, auth)
 
     wait_for(gone, timeout=2 + 5, what="the lapsed instance to leave the listing")
     assert time.monotonic() - lapsed_at < 5
-    gateway.wait_routable("/short/", auth, 404)  # every worker within the second
+    gateway.wait_routable("/short/", auth, 404, timeout=1.0)  # every worker within the second
 
 
 def test_heartbeat_keeps_a_lease_alive(start_gateway, upstream, auth):

@@ -10,7 +10,6 @@ import requests
 import responses
 
 from gateway_app.registry import smooth_schedule
-from tests.conftest import make_token
 from tests.support import wait_for
 
 A, B, C = "http://a.test:1", "http://b.test:2", "http://c.test:3"
@@ -33,7 +32,6 @@ def hosts(upstream):
     return collections.Counter(call.request.url.split("/")[2] for call in upstream.calls)
 
 
-AUTH = {"Authorization": make_token()}
 
 
 def test_smooth_weighted_schedule():
@@ -42,27 +40,27 @@ def test_smooth_weighted_schedule():
     assert len(smooth_schedule([1000, 1000, 1000, 1000, 1000])) <= 4096
 
 
-def test_round_robin_spreads_evenly_and_by_weight(make_app, upstream):
+def test_round_robin_spreads_evenly_and_by_weight(make_app, upstream, auth):
     for host in (A, B, C):
         upstream.add(responses.GET, f"{host}/", body="ok")
     _, client = gateway(make_app)
     for _ in range(300):
-        client.get("/svc", headers=AUTH)
+        client.get("/svc", headers=auth)
     assert set(hosts(upstream).values()) == {100}
     upstream.calls.reset()
     _, weighted = gateway(make_app, weights=[3, 1, 1])
     for _ in range(500):
-        weighted.get("/svc", headers=AUTH)
+        weighted.get("/svc", headers=auth)
     assert hosts(upstream) == {"a.test:1": 300, "b.test:2": 100, "c.test:3": 100}
 
 
-def test_random_honours_weights(make_app, upstream):
+def test_random_honours_weights(make_app, upstream, auth):
     for host in (A, B):
         upstream.add(responses.GET, f"{host}/", body="ok")
     _, client = gateway(make_app, addresses=(A, B), weights=[4, 1],
                         policy={"balancing": "random"})
     for _ in range(1000):
-        client.get("/svc", headers=AUTH)
+        client.get("/svc", headers=auth)
     share = hosts(upstream)["a.test:1"] / 1000
     assert 0.72 < share < 0.88
 
@@ -80,45 +78,45 @@ def test_least_in_flight_prefers_the_idle_instance(make_app):
     assert service.choose(time.time()).address == B
 
 
-def test_five_failures_eject_and_a_success_resets(make_app, upstream, monkeypatch):
+def test_five_failures_eject_and_a_success_resets(make_app, upstream, monkeypatch, auth):
     upstream.add(responses.GET, f"{A}/", status=503)
     for host in (B, C):
         upstream.add(responses.GET, f"{host}/", body="ok")
     app, client = gateway(make_app)
     for _ in range(15):  # round robin: five each, five 503s for A
-        client.get("/svc", headers=AUTH)
+        client.get("/svc", headers=auth)
     listing = client.get("/_gateway/services/svc").get_json()["instances"]
     ejected = [i for i in listing if i["address"] == A][0]
     assert ejected["health"] == "unhealthy" and ejected["ejected_until"] is not None
     upstream.calls.reset()
     for _ in range(20):
-        client.get("/svc", headers=AUTH)
+        client.get("/svc", headers=auth)
     assert "a.test:1" not in hosts(upstream)
     # 30 s later it is tried again; a second run of failures ejects it for twice as long
     later = time.time() + 31
     monkeypatch.setattr(time, "time", lambda: later)
     upstream.calls.reset()
     for _ in range(30):
-        client.get("/svc", headers=AUTH)
+        client.get("/svc", headers=auth)
     assert hosts(upstream)["a.test:1"] == 5
     health = app.extensions["gateway"].registry.snapshot().services["svc"].instances[0].health
     assert 59 < health.ejected_until - later <= 60
 
 
-def test_panic_threshold_routes_to_all_when_most_are_ejected(make_app, upstream):
+def test_panic_threshold_routes_to_all_when_most_are_ejected(make_app, upstream, auth):
     for host in (A, B, C):
         upstream.add(responses.GET, f"{host}/fail", status=503)
         upstream.add(responses.GET, f"{host}/ok", body="ok")
     _, client = gateway(make_app)
     for _ in range(30):  # past two ejections, panic keeps spreading: the third goes too
-        client.get("/svc/fail", headers=AUTH)
+        client.get("/svc/fail", headers=auth)
     listing = client.get("/_gateway/services/svc").get_json()["instances"]
     assert all(i["ejected_until"] for i in listing)
-    response = client.get("/svc/ok", headers=AUTH)
+    response = client.get("/svc/ok", headers=auth)
     assert response.status_code == 200  # not 503 no_healthy_instance
 
 
-def test_connect_failure_is_retried_on_another_instance_even_for_post(make_app, upstream):
+def test_connect_failure_is_retried_on_another_instance_even_for_post(make_app, upstream, auth):
     upstream.add(responses.POST, f"{A}/", body=requests.ConnectionError(
         requests.packages.urllib3.exceptions.MaxRetryError(
             None, "/", requests.packages.urllib3.exceptions.NewConnectionError(
@@ -126,7 +124,7 @@ def test_connect_failure_is_retried_on_another_instance_even_for_post(make_app, 
     upstream.add(responses.POST, f"{B}/", body="from b")
     upstream.add(responses.POST, f"{C}/", body="from c")
     _, client = gateway(make_app)
-    response = client.post("/svc", data=b"order", headers=AUTH)
+    response = client.post("/svc", data=b"order", headers=auth)
     assert response.status_code == 200 and response.data in (b"from b", b"from c")
     assert [c.request.body for c in upstream.calls] == [b"order", b"order"]
 
@@ -136,28 +134,28 @@ def test_connect_failure_is_retried_on_another_instance_even_for_post(make_app, 
     ("PATCH", {}, False), ("POST", {"Idempotency-Key": "k-1"}, True),
 ])
 def test_timeouts_are_retried_only_for_idempotent_requests(make_app, upstream, method,
-                                                           headers, retried):
+                                                           headers, retried, auth):
     upstream.add(method, f"{A}/", body=requests.ReadTimeout("slow"))
     upstream.add(method, f"{B}/", body="from b")
     _, client = gateway(make_app, addresses=(A, B))
-    response = client.open("/svc", method=method, data=b"x", headers={**AUTH, **headers})
+    response = client.open("/svc", method=method, data=b"x", headers={**auth, **headers})
     assert response.status_code == (200 if retried else 504)
     assert len(upstream.calls) == (2 if retried else 1)
 
 
-def test_at_most_two_retries(make_app, upstream):
+def test_at_most_two_retries(make_app, upstream, auth):
     for host in (A, B, C, "http://d.test:4"):
         upstream.add(responses.GET, f"{host}/", body=requests.ReadTimeout("slow"))
     _, client = gateway(make_app, addresses=(A, B, C, "http://d.test:4"))
-    assert client.get("/svc", headers=AUTH).status_code == 504
+    assert client.get("/svc", headers=auth).status_code == 504
     assert len(upstream.calls) == 3
 
 
-def test_large_bodies_are_not_replayed(make_app, upstream):
+def test_large_bodies_are_not_replayed(make_app, upstream, auth):
     upstream.add(responses.PUT, f"{A}/", body=requests.ReadTimeout("slow"))
     upstream.add(responses.PUT, f"{B}/", body="from b")
     _, client = gateway(make_app, addresses=(A, B))
-    response = client.put("/svc", data=b"x" * (64 * 1024 + 1), headers=AUTH)
+    response = client.put("/svc", data=b"x" * (64 * 1024 + 1), headers=auth)
     assert response.status_code == 504 and len(upstream.calls) == 1
 
 
@@ -185,7 +183,7 @@ def test_bad_balancing_and_health_check_policies_are_400(make_app, doc):
     assert client.put("/_gateway/services/svc/policy", json=doc).status_code == 400
 
 
-def test_active_check_admits_after_first_pass_and_recovers(make_app, upstream):
+def test_active_check_admits_after_first_pass_and_recovers(make_app, upstream, auth):
     healthy = {"a.test:1": True}
 
     def health(request):
@@ -197,19 +195,19 @@ def test_active_check_admits_after_first_pass_and_recovers(make_app, upstream):
         "path": "/healthz", "interval": 0.2, "timeout": 0.1, "unhealthy_threshold": 1,
         "healthy_threshold": 1}})
     service = lambda: app.extensions["gateway"].registry.snapshot().services["svc"]  # noqa: E731
-    wait_for(lambda: service().instances[0].health.checked, timeout=3, what="a first probe")
-    assert client.get("/svc", headers=AUTH).status_code == 200
+    wait_for(lambda: service().instances[0].health.checked, timeout=30, what="a first probe")
+    assert client.get("/svc", headers=auth).status_code == 200
     healthy["a.test:1"] = False
-    wait_for(lambda: not service().instances[0].health.check_ok, timeout=3, what="a failure")
+    wait_for(lambda: not service().instances[0].health.check_ok, timeout=30, what="a failure")
     listing = client.get("/_gateway/services/svc").get_json()["instances"][0]
     assert listing["health"] == "unhealthy" and listing["last_check"]["status"] == 500
     healthy["a.test:1"] = True  # still probed while unhealthy, so it comes back
-    wait_for(lambda: service().instances[0].health.check_ok, timeout=3, what="recovery")
-    assert client.get("/svc", headers=AUTH).status_code == 200
+    wait_for(lambda: service().instances[0].health.check_ok, timeout=30, what="recovery")
+    assert client.get("/svc", headers=auth).status_code == 200
 
 
-def test_instance_is_kept_out_until_its_first_check_passes(make_app, upstream):
+def test_instance_is_kept_out_until_its_first_check_passes(make_app, upstream, auth):
     upstream.add(responses.GET, f"{A}/healthz", status=500)
     _, client = gateway(make_app, addresses=(A,), policy={"health_check": {
         "path": "/healthz", "interval": 5, "timeout": 1}})
-    assert client.get("/svc", headers=AUTH).status_code == 503
+    assert client.get("/svc", headers=auth).status_code == 503

@@ -154,7 +154,7 @@ def test_access_lines_are_buffered_then_written_in_order():
         logger.warning("two")
         assert stream.getvalue() == ""  # not yet: buffered
         logger.warning("three")  # the buffer is full: the writer thread is woken
-        wait_for(lambda: stream.getvalue() == "one\ntwo\nthree\n", timeout=2,
+        wait_for(lambda: stream.getvalue() == "one\ntwo\nthree\n", timeout=10,
                  what="the writer thread")
         logger.warning("four")
         handler.flush()  # what a worker on its way out does
