@@ -22,6 +22,13 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_READ_TIMEOUT = 30.0
 #: Request bodies larger than this get 413.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Default seconds a client has to send a whole request head (nginx's client_header_timeout).
+DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0
+#: Default seconds a client may leave between two reads of its request body (nginx's
+#: client_body_timeout); also the longest a write of the response to it may wait.
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
+#: Default client connections one worker holds at most (gunicorn's worker_connections).
+DEFAULT_MAX_CONNECTIONS = 1000
 #: Algorithms the verifier knows; each is either HMAC (a secret) or public-key (a PEM file).
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
@@ -104,6 +111,14 @@ class Settings:
     rate_limit_fail_open: bool = True
     #: Seconds between two looks at the store's change counter, per worker.
     refresh_interval: float = 0.1
+    #: Seconds a client has to send a request head, from its connection (or its first byte
+    #: after a kept-alive pause).
+    client_header_timeout: float = DEFAULT_CLIENT_HEADER_TIMEOUT
+    #: Seconds a client may leave between two reads of its request body (and a response
+    #: write may wait on it).
+    client_body_timeout: float = DEFAULT_CLIENT_BODY_TIMEOUT
+    #: Client connections one worker holds at most; past it, the oldest idle ones are closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def uses_hmac(self) -> bool:
@@ -252,6 +267,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     if on_error not in ("open", "closed"):
         raise ConfigError(f"GATEWAY_RATE_LIMIT_ON_ERROR: expected open or closed, got {on_error!r}")
 
+    max_connections = _int(env, "GATEWAY_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1_000_000)
+    if max_connections <= threads:
+        raise ConfigError(f"GATEWAY_MAX_CONNECTIONS: must be more than GATEWAY_THREADS ({threads}),"
+                          f" so that connections can wait between requests; got {max_connections}")
+
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
@@ -284,6 +304,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         ejection_seconds=_float(env, "GATEWAY_EJECTION_SECONDS", 30.0, 0.1, 3600.0),
         rate_limit_fail_open=on_error == "open",
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
+        client_header_timeout=_float(env, "GATEWAY_CLIENT_HEADER_TIMEOUT",
+                                     DEFAULT_CLIENT_HEADER_TIMEOUT, 0.1, 3600.0),
+        client_body_timeout=_float(env, "GATEWAY_CLIENT_BODY_TIMEOUT",
+                                   DEFAULT_CLIENT_BODY_TIMEOUT, 0.1, 3600.0),
+        max_connections=max_connections,
     )
 
 
