@@ -253,18 +253,6 @@ def legit_traffic(gateway: Gateway, duration: float, interval: float,
     return ok, sent, latencies
 
 
-def worker_pids(master: int) -> set[int]:
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            pids.add(int(stat.parent.name))
-    return pids
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10,100,1000", help="counts of bad clients")
@@ -289,14 +277,48 @@ def main() -> int:
 
     upstream = UpstreamServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-slow."))
+    address = f"http://127.0.0.1:{upstream.server_address[1]}"
     env = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
-    gateway = Gateway(Path(args.root), workdir, env)
+    print(f"bench-slow: gateway from {args.root} (a new one per run); legitimate GET every"
+          f" {args.interval * 1000:.0f} ms for {args.duration:g} s per run, {args.timeout:g} s"
+          " timeout", file=sys.stderr)
+    print(f"{'kind':<10} {'N':>5} {'opened':>6} {'ok':>9} {'success':>8} {'p50':>9} {'p99':>9}"
+          f" {'open at end':>11} {'recovery':>9} {'killed':>6}")
     results = []
+    try:
+        for kind in kinds:
+            for size in sizes:
+                row = one_run(Path(args.root), env, address, kind, size, args)
+                results.append(row)
+                print(f"{kind:<10} {size:>5} {row['opened']:>6} {row['ok']:>4}/{row['sent']:<4}"
+                      f" {100 * row['success']:>7.1f}% {_ms(row['p50_ms']):>9}"
+                      f" {_ms(row['p99_ms']):>9} {row['open_at_end']:>11}"
+                      f" {_s(row['recovery_s']):>9} {row['worker_timeouts']:>6}", flush=True)
+    finally:
+        upstream.shutdown()
+    killed = sum(row["worker_timeouts"] for row in results)
+    print(f"workers killed by the master (WORKER TIMEOUT), all runs: {killed}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"root": args.root, "runs": results}, indent=1))
+    return 0
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}ms"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def one_run(root: Path, env: dict[str, str], address: str, kind: str, size: int,
+            args: argparse.Namespace) -> dict:
+    """One kind of bad client, ``size`` of them, against a gateway of its own."""
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-slow."))
+    gateway = Gateway(root, workdir, env)
     try:
         if gateway.wait_healthy(30) is None:
             raise SystemExit(f"the gateway did not come up:\n{gateway.log()[-3000:]}")
-        address = f"http://127.0.0.1:{upstream.server_address[1]}"
         status = gateway.request("POST", "/register_service", f"bench,{address}".encode())
         if status not in (200, 201):
             raise SystemExit(f"POST /register_service answered {status}")
@@ -305,51 +327,22 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("GET /bench/ through the gateway does not answer 200")
             time.sleep(0.1)
-        workers = worker_pids(gateway.proc.pid)
-        print(f"bench-slow: gateway from {args.root}, {len(workers)} workers; legitimate GET"
-              f" every {args.interval * 1000:.0f} ms for {args.duration:g} s per run,"
-              f" {args.timeout:g} s timeout", file=sys.stderr)
-        header = (f"{'kind':<10} {'N':>5} {'opened':>6} {'ok':>9} {'success':>8} {'p50':>9}"
-                  f" {'p99':>9} {'open at end':>11} {'recovery':>9}")
-        print(header)
-        for kind in kinds:
-            for size in sizes:
-                attackers = Attackers(gateway, kind, size)
-                time.sleep(1.0)  # let them settle (a slow client has sent its first bytes)
-                ok, sent, latencies = legit_traffic(gateway, args.duration, args.interval,
-                                                    args.timeout)
-                still_open = attackers.still_open()
-                attackers.close()
-                recovery = gateway.wait_healthy(120)
-                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                row = {"kind": kind, "n": size, "opened": len(attackers.socks), "ok": ok,
-                       "sent": sent, "success": ok / sent if sent else 0.0,
-                       "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-                       "p99_ms": None if p99 is None else round(p99 * 1000, 1),
-                       "open_at_end": still_open,
-                       "recovery_s": None if recovery is None else round(recovery, 1)}
-                results.append(row)
-
-                def ms(value):
-                    return "-" if value is None else f"{value:.1f}ms"
-                print(f"{kind:<10} {size:>5} {row['opened']:>6} {ok:>4}/{sent:<4}"
-                      f" {100 * row['success']:>7.1f}% {ms(row['p50_ms']):>9}"
-                      f" {ms(row['p99_ms']):>9} {still_open:>11}"
-                      f" {'-' if recovery is None else f'{recovery:.1f}s':>9}", flush=True)
-        log = gateway.log()
-        killed = log.count("WORKER TIMEOUT")
-        now = worker_pids(gateway.proc.pid)
-        replaced = len(workers - now)
-        print(f"workers killed by the master (WORKER TIMEOUT): {killed}; workers replaced:"
-              f" {replaced}")
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"root": args.root, "runs": results, "worker_timeouts": killed,
-             "workers_replaced": replaced}, indent=1))
-        return 0
+        attackers = Attackers(gateway, kind, size)
+        time.sleep(1.0)  # let them settle (a slow client has sent its first bytes)
+        ok, sent, latencies = legit_traffic(gateway, args.duration, args.interval, args.timeout)
+        still_open = attackers.still_open()
+        attackers.close()
+        recovery = gateway.wait_healthy(30)
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        return {"kind": kind, "n": size, "opened": len(attackers.socks), "ok": ok,
+                "sent": sent, "success": ok / sent if sent else 0.0,
+                "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+                "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+                "open_at_end": still_open,
+                "recovery_s": None if recovery is None else round(recovery, 1),
+                "worker_timeouts": gateway.log().count("WORKER TIMEOUT")}
     finally:
         gateway.stop()
-        upstream.shutdown()
 
 
 if __name__ == "__main__":
