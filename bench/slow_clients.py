@@ -9,7 +9,7 @@ upstream, registers it as service ``bench``, then for each kind of bad client an
   then the body a byte a second;
 - ``idle``: N connections that send nothing;
 - ``linger``: N connections that each send a whole ``Connection: close`` request, then neither
-  read the answer nor close;
+  read the answer nor close (the legitimate requests start once all N are answered);
 
 and, while they are open, sends a legitimate ``GET /bench/`` (with a token, on a new
 connection) every 100 ms for ``--duration`` seconds. It reports the share of those that got a
@@ -165,7 +165,7 @@ class Attackers:
             "slow-body": (f"POST /bench/ HTTP/1.1\r\n{host}{auth}Content-Type: text/plain\r\n"
                           "Content-Length: 1000\r\n\r\n").encode(),
             "idle": b"",
-            "linger": f"GET /bench/ HTTP/1.1\r\n{host}{auth}Connection: close\r\n\r\n".encode(),
+            "linger": f"GET /_gateway/health HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode(),
         }[kind]
         for _ in range(count):
             try:
@@ -191,6 +191,21 @@ class Attackers:
                     sock.send(b"a")
                 except OSError:
                     pass
+
+    def wait_answered(self, timeout: float) -> float:
+        """Wait until each connection has its answer waiting unread (the ``linger`` kind), so
+        what is measured is the lingering, not the burst of N requests; seconds waited."""
+        start = time.monotonic()
+        selector = selectors.DefaultSelector()
+        for sock in self.socks:
+            selector.register(sock, selectors.EVENT_READ)
+        pending = len(self.socks)
+        while pending and time.monotonic() - start < timeout:
+            for key, _ in selector.select(0.1):
+                selector.unregister(key.fileobj)
+                pending -= 1
+        selector.close()
+        return time.monotonic() - start
 
     def still_open(self) -> int:
         """How many the server has not closed (EOF or reset seen), without reading answers."""
@@ -328,6 +343,8 @@ def one_run(root: Path, env: dict[str, str], address: str, kind: str, size: int,
                 raise SystemExit("GET /bench/ through the gateway does not answer 200")
             time.sleep(0.1)
         attackers = Attackers(gateway, kind, size)
+        if kind == "linger":
+            attackers.wait_answered(30)
         time.sleep(1.0)  # let them settle (a slow client has sent its first bytes)
         ok, sent, latencies = legit_traffic(gateway, args.duration, args.interval, args.timeout)
         still_open = attackers.still_open()
