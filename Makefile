@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test test-unit check demo bench lint clean
+.PHONY: run test test-unit check demo bench bench-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/run.sh
+
+bench-slow: $(STAMP)
+	$(BIN)/python bench/slow_clients.py $(BENCH_SLOW_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -9,6 +9,7 @@ import errno
 import gc
 import os
 import re
+import resource
 import secrets
 import socket
 import sys
@@ -38,12 +39,16 @@ bind = _settings.bind
 # sockets or sockets handed over by systemd.
 reuse_port = (hasattr(socket, "SO_REUSEPORT") and not bind.startswith(("unix:", "fd://"))
               and "LISTEN_FDS" not in os.environ)
-# gunicorn's gthread worker, shedding connections while it holds more than its share, so the
-# kernel's hash does not leave one worker with most of a client's keep-alive connections (see
+# gunicorn's gthread worker, made the front door: its event loop reads request heads (and small
+# bodies) within the client timeouts before a thread takes them, and closes connections
+# without blocking; it sheds connections while it holds more than its share, so the kernel's
+# hash does not leave one worker with most of a client's keep-alive connections (see
 # gateway_app/workers.py).
 worker_class = "gateway_app.workers.BalancedThreadWorker"
 workers = _settings.workers
 threads = _settings.threads
+# Client connections one worker holds at most; past it, its oldest idle ones are closed.
+worker_connections = _settings.max_connections
 # The workers' connection counts, made here in the master so that every worker shares it (a
 # reload makes a new one for the new workers). Room for workers added with TTIN.
 _BOARD = ConnectionBoard(2 * workers + 2)
@@ -109,11 +114,28 @@ def _check_bind_free(server):
         sys.exit(2)
 
 
+def _raise_open_files(server):
+    """Let each worker open its connections: the soft limit on open files up to what
+    ``GATEWAY_MAX_CONNECTIONS`` needs (with room for upstream connections and files), within
+    the hard limit. The workers inherit it."""
+    need = _settings.max_connections + 4 * _settings.threads + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < need:
+        server.log.warning("gateway: GATEWAY_MAX_CONNECTIONS=%d needs about %d open files per"
+                           " worker, but the limit is %d (ulimit -n)", _settings.max_connections,
+                           need, new)
+
+
 def on_starting(server):
     """Create what all workers share once, before they fork: the generated JWT secret and an
     empty rate-limit table."""
     if server.cfg.reuse_port:
         _check_bind_free(server)
+    _raise_open_files(server)
     if _settings.uses_hmac:
         try:
             read_or_create_secret(_settings)
@@ -129,8 +151,9 @@ def on_starting(server):
 
 
 def pre_fork(server, worker):
-    """Give the worker about to start its slot on the connection board, and its CPU: the one
-    its siblings use least (a worker that replaces a dead one takes the CPU it left)."""
+    """Give the worker about to start its slot on the connection board, its client timeouts,
+    and its CPU: the one its siblings use least (a worker that replaces a dead one takes the
+    CPU it left)."""
     siblings = list(server.WORKERS.values())
     slot = _BOARD.free_slot(
         w.gateway_slot for w in siblings if getattr(w, "gateway_board", None) is _BOARD)
@@ -140,6 +163,8 @@ def pre_fork(server, worker):
     else:
         _BOARD.counts[slot] = FREE  # whatever a vanished predecessor left, until it publishes
     worker.gateway_board, worker.gateway_slot = _BOARD, slot
+    worker.gateway_header_timeout = _settings.client_header_timeout
+    worker.gateway_body_timeout = _settings.client_body_timeout
     if _CPUS:
         used = collections.Counter(getattr(w, "gateway_cpu", None) for w in siblings)
         worker.gateway_cpu = min(_CPUS, key=lambda cpu: (used[cpu], cpu))

@@ -22,6 +22,13 @@ DEFAULT_CONNECT_TIMEOUT = 2.0
 DEFAULT_READ_TIMEOUT = 30.0
 #: Request bodies larger than this get 413.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Default seconds a client has to send a whole request head (nginx's client_header_timeout).
+DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0
+#: Default seconds a client may leave between two reads of its request body (nginx's
+#: client_body_timeout); also the longest a write of the response to it may wait.
+DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
+#: Default client connections one worker holds at most (gunicorn's worker_connections).
+DEFAULT_MAX_CONNECTIONS = 1000
 #: Algorithms the verifier knows; each is either HMAC (a secret) or public-key (a PEM file).
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
@@ -120,6 +127,14 @@ class Settings:
     node_id: str = "local"
     #: Requests refused for their token, per client address; ``None``: unlimited.
     auth_failure_limit: RateLimit | None = None
+    #: Seconds a client has to send a request head, from its connection (or its first byte
+    #: after a kept-alive pause).
+    client_header_timeout: float = DEFAULT_CLIENT_HEADER_TIMEOUT
+    #: Seconds a client may leave between two reads of its request body (and a response
+    #: write may wait on it).
+    client_body_timeout: float = DEFAULT_CLIENT_BODY_TIMEOUT
+    #: Client connections one worker holds at most; past it, the oldest idle ones are closed.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def uses_hmac(self) -> bool:
@@ -276,6 +291,10 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     failure_text = _get(env, "GATEWAY_AUTH_FAILURE_LIMIT") or DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_limit = (None if failure_text.lower() == "off"
                           else parse_rate_limit(failure_text, "GATEWAY_AUTH_FAILURE_LIMIT"))
+    max_connections = _int(env, "GATEWAY_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1_000_000)
+    if max_connections <= threads:
+        raise ConfigError(f"GATEWAY_MAX_CONNECTIONS: must be more than GATEWAY_THREADS ({threads}),"
+                          f" so that connections can wait between requests; got {max_connections}")
 
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
@@ -311,6 +330,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         refresh_interval=_float(env, "GATEWAY_REFRESH_INTERVAL", 0.1, 0.01, 1.0),
         node_id=node_id,
         auth_failure_limit=auth_failure_limit,
+        client_header_timeout=_float(env, "GATEWAY_CLIENT_HEADER_TIMEOUT",
+                                     DEFAULT_CLIENT_HEADER_TIMEOUT, 0.1, 3600.0),
+        client_body_timeout=_float(env, "GATEWAY_CLIENT_BODY_TIMEOUT",
+                                   DEFAULT_CLIENT_BODY_TIMEOUT, 0.1, 3600.0),
+        max_connections=max_connections,
     )
 
 

@@ -329,10 +329,16 @@ class CapturedErrorPage:
         message_match = _PAGE_MESSAGE.search(self.data)
         message = (html.unescape(message_match.group(1).decode("latin-1"))
                    if message_match else "") or reason
-        error = _SERVER_ERRORS.get(status, "internal_error" if status >= 500 else "bad_request")
-        request_id = _request_ids.new()
-        body = json.dumps({"error": error, "message": message, "request_id": request_id},
-                          ensure_ascii=True).encode()
-        return (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"X-Request-ID: {request_id}\r\n\r\n").encode("latin-1") + body
+        return error_page(status, reason, message)
+
+
+def error_page(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response in the gateway's JSON error shape, for answers the server
+    writes itself (the connection is closed after it)."""
+    error = _SERVER_ERRORS.get(status, "internal_error" if status >= 500 else "bad_request")
+    request_id = _request_ids.new()
+    body = json.dumps({"error": error, "message": message, "request_id": request_id},
+                      ensure_ascii=True).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-ID: {request_id}\r\n\r\n").encode("latin-1") + body

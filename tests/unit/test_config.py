@@ -29,6 +29,10 @@ from gateway_app.config import (
     ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
     ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
+    ({"GATEWAY_CLIENT_HEADER_TIMEOUT": "0"}, "GATEWAY_CLIENT_HEADER_TIMEOUT"),
+    ({"GATEWAY_CLIENT_BODY_TIMEOUT": "forever"}, "GATEWAY_CLIENT_BODY_TIMEOUT"),
+    ({"GATEWAY_MAX_CONNECTIONS": "many"}, "GATEWAY_MAX_CONNECTIONS"),
+    ({"GATEWAY_MAX_CONNECTIONS": "16"}, "GATEWAY_MAX_CONNECTIONS"),  # not more than the threads
 ])
 def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -49,6 +53,8 @@ def test_defaults():
     assert (settings.connect_timeout, settings.read_timeout) == (2.0, 30.0)
     assert settings.max_body_bytes == 10 * 1024 * 1024
     assert settings.rate_limit is None
+    assert (settings.client_header_timeout, settings.client_body_timeout) == (60.0, 60.0)
+    assert settings.max_connections == 1000
 
 
 def test_rate_limit_forms():

@@ -1,5 +1,7 @@
 """The connection board the workers keep their counts on, the gunicorn hooks that hand out its
-slots, and the shedding decision (end to end: tests/integration/test_listening_http.py)."""
+slots, and the shedding decision (end to end: tests/integration/test_listening_http.py); what
+the front door decides from the bytes it has read, and its boot check (end to end:
+tests/integration/test_slow_clients_http.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,22 @@ from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
+import gunicorn
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
-from gateway_app.workers import AWAY_SECONDS, FREE, BalancedThreadWorker, ConnectionBoard
+from gateway_app.workers import (
+    AWAY_SECONDS,
+    CHUNKED,
+    EARLY_BODY_BYTES,
+    FREE,
+    BalancedThreadWorker,
+    ConnectionBoard,
+    FrontDoorWorker,
+    _body_wanted,
+    unsupported_gunicorn,
+    unsupported_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,3 +192,79 @@ def test_a_stopping_worker_drops_off_the_board_and_sheds_nothing(worker, monkeyp
     req = Request()
     worker.handle_request(req, Conn())
     assert not req.closing
+
+
+# -- the front door: what the loop decides from the bytes it has, and the boot check --------
+
+def test_the_installed_gunicorn_is_one_the_worker_supports():
+    assert unsupported_gunicorn() is None
+
+
+@pytest.mark.parametrize("version", ["23.0.0", "26.1", "28.0.0", "not a version"])
+def test_another_gunicorn_version_is_refused_naming_the_range(version):
+    assert f"gunicorn {version} is installed" in unsupported_gunicorn(version)
+    assert "gunicorn>=27.0,<28.0" in unsupported_gunicorn(version)
+
+
+def test_a_gunicorn_without_what_the_worker_relies_on_is_refused(monkeypatch):
+    monkeypatch.delattr(ThreadWorker, "_cap_keepalive")
+    assert "ThreadWorker._cap_keepalive" in unsupported_gunicorn()
+
+
+def test_the_boot_check_stops_gunicorn_with_a_message(monkeypatch):
+    monkeypatch.setattr(gunicorn, "__version__", "24.1.0")
+    errors = []
+    log = SimpleNamespace(error=lambda *args: errors.append(args[0] % args[1:]),
+                          warning=lambda *args: None)
+    cfg = SimpleNamespace(worker_connections=1000, threads=16, keepalive=5, is_ssl=False)
+    with pytest.raises(SystemExit):
+        BalancedThreadWorker.check_config(cfg, log)
+    assert "gunicorn 24.1.0 is installed" in errors[0]
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"is_ssl": True}, "TLS"),
+    ({"protocol": "uwsgi"}, "uwsgi"),
+    ({"http2_cleartext": "prior-knowledge"}, "HTTP/2"),
+    ({}, None),
+])
+def test_settings_the_worker_does_not_serve_are_refused(settings, problem):
+    cfg = SimpleNamespace(**{"is_ssl": False, "protocol": "http", "http2_cleartext": "off",
+                             **settings})
+    found = unsupported_settings(cfg)
+    assert (found is None) if problem is None else (problem in found)
+
+
+@pytest.mark.parametrize("head, wanted", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 0),
+    (b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", 12),
+    (b"POST / HTTP/1.1\r\ncontent-length:  700000\r\n\r\n", EARLY_BODY_BYTES),
+    (b"POST / HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 12\r\n\r\n", 0),  # gunicorn: 400
+    (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 0),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNKED),
+    (b"POST / HTTP/1.1\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n", 0),
+    (b"GET / HTTP/1.1\r\nX-Content-Length: 12\r\n\r\n", 0),
+])
+def test_the_loop_reads_the_body_a_head_announces_up_to_a_bound(head, wanted):
+    assert _body_wanted(head) == wanted
+
+
+@pytest.mark.parametrize("body, ready", [
+    (b"", False),
+    (b"5\r\nhello\r\n", False),
+    (b"5\r\nhello\r\n0\r\n", False),
+    (b"5\r\nhello\r\n0\r\n\r\n", True),
+    (b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n", False),
+    (b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n", True),
+    (b"zz\r\n", True),  # not a chunk: gunicorn's parser says so, at once
+])
+def test_a_chunked_body_is_in_once_its_last_chunk_is(body, ready):
+    worker = object.__new__(FrontDoorWorker)
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    conn = SimpleNamespace(buf=bytearray(head), head_end=len(head), next_chunk=len(head),
+                           body_wanted=CHUNKED)
+    for byte in range(len(body)):  # as it comes, a byte at a time
+        conn.buf += body[byte:byte + 1]
+        if worker._body_in(conn):
+            break
+    assert worker._body_in(conn) is ready
