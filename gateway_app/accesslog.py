@@ -161,6 +161,7 @@ def emit(record: dict[str, Any], log_format: str) -> None:
         "total_ms": round((now - record["start"]) * 1000, 2),
         "upstream_ms": (round(record["upstream_ms"], 2)
                         if record.get("upstream_ms") is not None else None),
+        "trace_id": record.get("trace_id"),
     }
     if log_format == "json":
         _write(json.dumps(fields, separators=(",", ":")))
@@ -169,7 +170,7 @@ def emit(record: dict[str, Any], log_format: str) -> None:
         upstream_ms = "-" if f["upstream_ms"] is None else f["upstream_ms"]
         _write(f'{f["time"]} {f["request_id"]} {f["client"]} "{f["method"]} {f["path"]}" '
                f'{f["service"] or "-"} {f["instance"] or "-"} {f["status"]} {f["bytes"]} '
-               f'{f["total_ms"]} {upstream_ms}')
+               f'{f["total_ms"]} {upstream_ms} {f["trace_id"] or "-"}')
 
 
 def line_writer(settings: Settings) -> Callable[[Response], Response]:
@@ -186,6 +187,7 @@ def line_writer(settings: Settings) -> Callable[[Response], Response]:
             "service": view.service if view.policy is not None else None,
             "instance": getattr(view.instance, "id", None),
             "status": response.status_code, "upstream_ms": view.upstream_ms,
+            "trace_id": view.trace_id,
         }
         if response.is_streamed:
             # A streamed body is handed to the server as it is (direct passthrough): the line

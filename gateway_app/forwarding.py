@@ -57,7 +57,7 @@ HOP_BY_HOP = frozenset({
 GATEWAY_OWNED = frozenset({
     "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
     "x-forwarded-prefix", "x-forwarded-port", "forwarded", "x-real-ip", "x-request-id",
-    "x-authenticated-subject", "via",
+    "x-authenticated-subject", "via", "traceparent", "tracestate",
 })
 
 

@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 import json
 import os
+import random
 import re
 import socket
 import time
@@ -33,6 +34,17 @@ from .validation import has_dot_segment
 _TARGET_RE = re.compile(r"^/[\x21-\x7e]*$")
 #: A client's ``X-Request-ID`` that is kept (else a new one is made).
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: A W3C ``traceparent`` (Trace Context level 1): version, trace id, parent id, flags. Versions
+#: other than 00 are read by the same four fields (the spec's forward compatibility); ff is not
+#: a version.
+_TRACEPARENT_RE = re.compile(
+    r"^(?!ff)([0-9a-f]{2})-(?!0{32})([0-9a-f]{32})-(?!0{16})([0-9a-f]{16})-([0-9a-f]{2})"
+    r"(?:-[^\s]*)?$")
+#: ``tracestate`` is passed on when at most this long (the spec's 32 members of 256 bytes fit
+#: in 512 for the usual header; a longer one is dropped, not cut).
+MAX_TRACESTATE_BYTES = 512
+#: The flags of a trace the gateway starts: sampled, so the upstream's tracer records it.
+STARTED_TRACE_FLAGS = "01"
 #: The pseudonym prefix of this gateway's ``Via`` entries (RFC 9110 section 7.6.3).
 VIA_PREFIX = "gateway-"
 #: Gateway hops a request may already have made; one more is a loop (508).
@@ -90,6 +102,7 @@ class RequestView:
     __slots__ = (
         "start", "request_id", "method", "target", "path", "query", "service", "rest",
         "peer", "client", "relayed", "scheme", "host", "forwarded_for", "via", "error",
+        "trace_id", "trace_flags", "tracestate",
         "policy", "public", "claims", "instance", "upstream_ms", "extra_headers",
         "_start_response",
     )
@@ -120,6 +133,11 @@ class RequestView:
     via: str
     #: Why the request is refused before anything else, if it is.
     error: GatewayError | None
+    #: W3C Trace Context: the client's trace when its ``traceparent`` is valid, else a new one;
+    #: its flags, and the ``tracestate`` passed on with it ("" when none).
+    trace_id: str
+    trace_flags: str
+    tracestate: str
     policy: Any
     public: bool
     claims: dict[str, Any] | None
@@ -199,6 +217,7 @@ class FrontDoor:
             view.host = environ.get("HTTP_HOST", "")
             view.forwarded_for = ""
 
+        _read_trace(view, environ)
         via = environ.get("HTTP_VIA", "")
         view.via = via
         hops, own = _gateway_hops(via, self.pseudonym) if via else (0, False)
@@ -232,6 +251,25 @@ class FrontDoor:
                 view.error = UnsupportedTransferCoding(
                     f"transfer coding {coding.strip()!r} is not supported; send 'chunked'")
         return view
+
+
+def _read_trace(view: RequestView, environ: dict[str, Any]) -> None:
+    """Continue the client's trace when its ``traceparent`` is valid; otherwise start one (a
+    malformed header is replaced, never passed on, and its ``tracestate`` with it)."""
+    parent = (environ.get("HTTP_TRACEPARENT") or "").strip().lower()
+    match = _TRACEPARENT_RE.match(parent) if parent else None
+    if match is not None and (match.group(1) != "00" or len(parent) == 55):  # 00: no extra
+        view.trace_id, view.trace_flags = match.group(2), match.group(4)
+        state = environ.get("HTTP_TRACESTATE", "")
+        view.tracestate = state if len(state) <= MAX_TRACESTATE_BYTES else ""
+    else:
+        view.trace_id = f"{random.getrandbits(128):032x}"
+        view.trace_flags, view.tracestate = STARTED_TRACE_FLAGS, ""
+
+
+def traceparent(view: RequestView) -> str:
+    """The ``traceparent`` for the upstream hop: the request's trace, a new parent id."""
+    return f"00-{view.trace_id}-{random.getrandbits(64) or 1:016x}-{view.trace_flags}"
 
 
 def _gateway_hops(via: str, pseudonym: str) -> tuple[int, bool]:

@@ -43,7 +43,7 @@ from .forwarding import (
     release,
     stream_body,
 )
-from .front import RequestView, via_header
+from .front import RequestView, traceparent, via_header
 from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision, refused_credential_key
@@ -351,6 +351,9 @@ def _upstream_headers(environ: dict[str, Any], view: RequestView, instance: Any,
     headers["X-Forwarded-Prefix"] = "/" + view.service
     headers["X-Request-ID"] = view.request_id
     headers["Via"] = via_header(view, pseudonym)
+    headers["traceparent"] = traceparent(view)
+    if view.tracestate:
+        headers["tracestate"] = view.tracestate
     claims = view.claims
     if claims is not None and claims.get("sub") is not None:
         headers["X-Authenticated-Subject"] = claims["sub"]

@@ -130,3 +130,54 @@ def test_wrong_admin_credentials_from_one_address_get_429_once_its_bucket_is_emp
     assert client.get("/_gateway/services").status_code == 401  # no credential: not counted
     ok = client.get("/_gateway/services", headers={"Authorization": "Bearer " + "a" * 40})
     assert ok.status_code == 200
+
+
+def test_a_valid_traceparent_is_continued_and_a_malformed_one_replaced():
+    incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    view = read({"HTTP_TRACEPARENT": incoming, "HTTP_TRACESTATE": "congo=t61rcWkgMzE"})
+    assert (view.trace_id, view.trace_flags) == ("4bf92f3577b34da6a3ce929d0e0e4736", "01")
+    assert view.tracestate == "congo=t61rcWkgMzE"
+    hop = front.traceparent(view)
+    version, trace, parent, flags = hop.split("-")
+    assert (version, trace, flags) == ("00", view.trace_id, "01")
+    assert parent != "00f067aa0ba902b7" and len(parent) == 16
+    assert front.traceparent(view) != hop  # a new parent id per hop
+    # A later version with more fields is read by its first four.
+    assert read({"HTTP_TRACEPARENT": "cc-" + incoming[3:] + "-what"}).trace_id == view.trace_id
+    for bad in ("", "garbage", incoming.replace("00-", "ff-", 1), incoming + "-extra",
+                "00-" + "0" * 32 + "-00f067aa0ba902b7-01", incoming[:-19] + "0" * 16 + "-01",
+                incoming.upper().replace("-01", "-0g")):
+        started = read({"HTTP_TRACEPARENT": bad, "HTTP_TRACESTATE": "a=b"})
+        assert started.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736", bad
+        assert len(started.trace_id) == 32 and started.trace_flags == "01"
+        assert started.tracestate == ""
+    long_state = read({"HTTP_TRACEPARENT": incoming, "HTTP_TRACESTATE": "a=" + "b" * 600})
+    assert long_state.tracestate == ""
+
+
+def test_trace_context_reaches_the_upstream_and_the_access_log(make_app, upstream):
+    import io
+    import logging
+    app = make_app()
+    client = app.test_client()
+    client.post("/register_service", data="svc,http://127.0.0.1:9")
+    upstream.get("http://127.0.0.1:9/x", body="ok")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    access = logging.getLogger("gateway.access")
+    access.addHandler(handler)
+    try:
+        incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        client.get("/svc/x", headers={"Authorization": f"Bearer {make_token()}",
+                                      "traceparent": incoming, "tracestate": "k=v"}).close()
+        sent = upstream.calls[-1].request.headers
+        assert sent["traceparent"].startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        assert sent["traceparent"].endswith("-00")
+        assert sent["tracestate"] == "k=v"
+        client.get("/svc/x", headers={"Authorization": f"Bearer {make_token()}",
+                                      "traceparent": "junk", "tracestate": "k=v"})
+        sent = upstream.calls[-1].request.headers
+        assert sent["traceparent"] != "junk" and "tracestate" not in sent
+    finally:
+        access.removeHandler(handler)
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" in stream.getvalue()
