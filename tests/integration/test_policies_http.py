@@ -98,8 +98,9 @@ def test_access_log_lines_text_and_json(start_gateway, upstream, tmp_path):
             assert (fields["service"], fields["status"], fields["bytes"]) == ("svc", 200, 1234)
             assert fields["client"] == "127.0.0.1" and len(fields["instance"]) == 16
             assert fields["total_ms"] >= fields["upstream_ms"] >= 0
+            assert re.fullmatch(r"[0-9a-f]{32}", fields["trace_id"])
         else:
             pattern = (r'^\S+Z req-1 127\.0\.0\.1 "GET /svc/big/1234" svc [0-9a-f]{16} 200 1234 '
-                       r"[0-9.]+ [0-9.]+$")
+                       r"[0-9.]+ [0-9.]+ [0-9a-f]{32}$")
             assert re.match(pattern, lines[0]), lines[0]
         assert "GET /svc/big" not in log.replace(lines[0], "")  # gunicorn's own line is off
