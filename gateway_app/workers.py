@@ -76,6 +76,17 @@ from .config import DEFAULT_CLIENT_BODY_TIMEOUT, DEFAULT_CLIENT_HEADER_TIMEOUT
 from .front import CapturedErrorPage, error_page
 
 
+def _receive(conn: Any) -> bytes | None:
+    """What a connection waiting in the loop sent: ``b""`` when the client closed (or reset)
+    its side, ``None`` when there is nothing after all."""
+    try:
+        return conn.sock.recv(RECV_BYTES)  # type: ignore[no-any-return]
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def _body_timeout_page() -> bytes:
     """The 408 the loop sends a client whose body stopped arriving (a new request id each)."""
     return error_page(408, "Request Timeout", "the request body stopped arriving")
@@ -353,12 +364,9 @@ class FrontDoorWorker(ThreadWorker):
             return
         if phase in (BUSY, CLOSED):  # an event from before this batch's callbacks closed it
             return
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client closed (or reset) its side
             if phase == BODY:
                 # A whole head, then a body cut short: a thread answers it (400, saying why;
@@ -550,12 +558,9 @@ class FrontDoorWorker(ThreadWorker):
         self._make_room()
 
     def _drain(self, conn: FrontDoorConn) -> None:
-        try:
-            data = conn.sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= LINGER_MAX_BYTES:
             self._drop(conn)
