@@ -104,6 +104,8 @@ class Settings:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     upstream_ca_bundle: str | None = None
+    #: Networks no upstream connection goes to, besides addresses.REFUSED_RANGES.
+    upstream_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     rate_limit: RateLimit | None = None
     log_format: str = "text"
     #: Load balancing for services whose policy names none.
@@ -302,6 +304,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         read_timeout=_float(env, "GATEWAY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 0.01, 3600),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 0, 2**40),
         upstream_ca_bundle=ca_bundle,
+        upstream_deny=_networks(env, "GATEWAY_UPSTREAM_DENY", ""),
         rate_limit=rate_limit,
         log_format=log_format,
         balancing=balancing,

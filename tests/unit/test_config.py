@@ -29,6 +29,7 @@ from gateway_app.config import (
     ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
     ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
+    ({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8,metadata"}, "GATEWAY_UPSTREAM_DENY"),
 ])
 def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -49,6 +50,12 @@ def test_defaults():
     assert (settings.connect_timeout, settings.read_timeout) == (2.0, 30.0)
     assert settings.max_body_bytes == 10 * 1024 * 1024
     assert settings.rate_limit is None
+
+
+def test_upstream_deny():
+    assert load_settings({}).upstream_deny == ()
+    settings = load_settings({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8, fd12::/16"})
+    assert [str(n) for n in settings.upstream_deny] == ["10.0.0.0/8", "fd12::/16"]
 
 
 def test_rate_limit_forms():
