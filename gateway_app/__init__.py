@@ -97,11 +97,13 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     store = open_store(settings.store)
     registry = Registry(store, settings.refresh_interval, settings.balancing,
                         settings.ejection_seconds)
+    forwarder = Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle,
+                          fast_paths=settings.fast_paths)
     state = GatewayState(
         settings=settings,
         registry=registry,
         verifier=build_verifier(settings),
-        forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
+        forwarder=forwarder,
         limiter=(store.make_limiter(settings)
                  or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
         retries=RetryBudget(),

@@ -180,14 +180,13 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
         release(upstream)
 
     response_headers = _response_headers(upstream.headers)
-    description = f"{instance.origin} ({instance.service})"
     body_iter: Any = None
     if policy.transforms_response:
         response_headers = transforms.response_headers(response_headers, policy)
         if policy.json_add:
             try:
                 body_iter = transforms.json_body(upstream, response_headers, policy,
-                                                 view.method, description)
+                                                 view.method)
             except GatewayError:  # the upstream failed mid-body, before any header went out
                 finished()
                 raise
@@ -199,13 +198,13 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
             # the client is written to, and a body cut short is still a 502, not a cut
             # connection.
             try:
-                data = read_upto(upstream, remaining, description)
+                data = read_upto(upstream, remaining)
             finally:
                 finished()
             # (Not passed through: werkzeug then runs the response's close callbacks.)
             return PassthroughResponse([data], status=upstream.status_code,
                                        headers=response_headers)
-        body_iter = stream_body(upstream, description)
+        body_iter = stream_body(upstream)
     # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
     # (called by the server when done, or when the client went away) must release the upstream.
     return PassthroughResponse(

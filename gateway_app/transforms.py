@@ -44,8 +44,8 @@ def _is_json(content_type: str | None) -> bool:
                                           mime.endswith("+json"))
 
 
-def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy, method: str,
-              description: str) -> Iterable[bytes] | None:
+def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy,
+              method: str) -> Iterable[bytes] | None:
     """The body with the policy's fields added, when it is a small JSON object; else ``None``
     (the caller streams the upstream's body untouched). ``headers`` is updated in place."""
     status = upstream.status_code
@@ -60,9 +60,9 @@ def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy, met
     if declared is not None and (not declared.isdigit()
                                  or int(declared) > MAX_JSON_TRANSFORM_BYTES):
         return None
-    data = read_upto(upstream, MAX_JSON_TRANSFORM_BYTES + 1, description)
+    data = read_upto(upstream, MAX_JSON_TRANSFORM_BYTES + 1)
     if len(data) > MAX_JSON_TRANSFORM_BYTES:  # chunked and larger than the bound: stream on
-        return _chain(data, stream_body(upstream, description))
+        return _chain(data, stream_body(upstream))
     try:
         doc = json.loads(data)
         if isinstance(doc, dict):

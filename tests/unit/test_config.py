@@ -30,6 +30,8 @@ from gateway_app.config import (
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
     ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
     ({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8,metadata"}, "GATEWAY_UPSTREAM_DENY"),
+    ({"GATEWAY_FAST_PATHS": "turbo"}, "GATEWAY_FAST_PATHS"),
+    ({"GATEWAY_FAST_PATHS": "header_lines,warp"}, "GATEWAY_FAST_PATHS"),
 ])
 def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -56,6 +58,12 @@ def test_upstream_deny():
     assert load_settings({}).upstream_deny == ()
     settings = load_settings({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8, fd12::/16"})
     assert [str(n) for n in settings.upstream_deny] == ["10.0.0.0/8", "fd12::/16"]
+
+
+def test_fast_paths():
+    assert load_settings({}).fast_paths == {"kernel_timeouts", "header_lines", "header_block"}
+    assert load_settings({"GATEWAY_FAST_PATHS": "OFF"}).fast_paths == frozenset()
+    assert load_settings({"GATEWAY_FAST_PATHS": "header_lines"}).fast_paths == {"header_lines"}
 
 
 def test_rate_limit_forms():
