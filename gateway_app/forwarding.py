@@ -45,6 +45,7 @@ from .errors import (
 )
 from .transport import (
     Adapter,
+    UpstreamProtocolError,
     UpstreamRequest,
     UpstreamResponse,
 )
@@ -253,6 +254,8 @@ def upstream_error(exc: BaseException, instance: Any, mid_body: bool = False) ->
     elif has(requests.Timeout, ReadTimeoutError, TimeoutError):
         error, kind = GatewayTimeout, "timeout"
         what = "did not finish its answer in time" if mid_body else "did not answer in time"
+    elif protocol := has(UpstreamProtocolError):
+        kind, what, detail = "protocol", "sent a malformed answer", str(protocol)
     elif mid_body:
         kind, what = "aborted", "failed mid-answer"
     elif has(http.client.RemoteDisconnected, ConnectionError):

@@ -169,6 +169,8 @@ def test_send_timeout_holds_when_the_upstream_stops_reading():
 
 
 @pytest.mark.parametrize("script, error, kind", [
+    ([b"HTTP/1.1 200 OK\r\nX(Bad): 1\r\n\r\n"], BadGateway, "protocol"),
+    ([b"HTTP/1.1 999 Odd\r\n\r\n"], BadGateway, "protocol"),
     ([b"garbage\r\n\r\n"], BadGateway, "protocol"),
     (["reset"], BadGateway, "reset"),
     (["close"], BadGateway, "reset"),

@@ -1,0 +1,181 @@
+"""Upstreams that misbehave on purpose, through real gunicorn (SPEC sections 5 and 11).
+
+Each upstream here is a raw socket server sending exact bytes. Whatever it sends, the client
+gets a JSON error before the response starts, or a cut connection after; never gunicorn's HTML
+500. After every exchange the instance's ``in_flight`` is back to 0, no socket towards the
+upstream is left open in the gateway, and the access log has the request's line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import requests
+
+from tests.conftest import SECRET, make_token
+from tests.support import (
+    Gateway,
+    ScriptedUpstream,
+    leaked_sockets,
+    parse_response,
+    send_raw,
+    wait_for,
+)
+
+TOKEN = make_token(ttl=3600)
+
+
+def one_worker_gateway(data_dir, **env) -> Gateway:
+    """One worker, so ``in_flight`` and the sockets it holds are those of the worker that
+    served the request."""
+    return Gateway(data_dir, GATEWAY_WORKERS=1, GATEWAY_JWT_SECRET=SECRET,
+                   GATEWAY_READ_TIMEOUT=30, **env).start()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    gateway = one_worker_gateway(tmp_path_factory.mktemp("faults"))
+    yield gateway
+    gateway.stop()
+
+
+_names = iter(range(10**6))
+
+
+@dataclass
+class Exchange:
+    """One request through the gateway to a scripted upstream, and what came back."""
+
+    name: str
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    raw: bytes
+
+
+def exchange(gateway: Gateway, upstream: ScriptedUpstream, timeout: float = 30.0) -> Exchange:
+    """Register ``upstream`` under a new name and send one GET to it on a connection of its
+    own: what came back, byte for byte."""
+    name = f"s{next(_names)}"
+    assert gateway.register(name, upstream.address).status_code == 201
+    request = (f"GET /{name}/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Connection: close\r\n\r\n").encode()
+    raw = send_raw(gateway.port, request, half_close=False, timeout=timeout)
+    return Exchange(name, *parse_response(raw), raw)
+
+
+def assert_clean_after(gateway: Gateway, upstream: ScriptedUpstream, answer: Exchange) -> None:
+    """Nothing of the exchange is left: in_flight 0, no socket to the upstream, a log line."""
+
+    def in_flight():
+        listing = requests.get(f"{gateway.url}/_gateway/services/{answer.name}",
+                               timeout=5).json()
+        return listing["instances"][0]["in_flight"]
+
+    wait_for(lambda: in_flight() == 0, timeout=10, what="in_flight back to 0")
+    wait_for(lambda: not leaked_sockets(gateway.worker_pids(), upstream.port), timeout=10,
+             what="no socket left towards the upstream")
+    wait_for(lambda: upstream.open_connections == 0, timeout=10,
+             what="the upstream's connections closed by the gateway")
+    request_id = answer.headers.get("x-request-id")
+    assert request_id
+    wait_for(lambda: request_id in gateway.log(), timeout=5, what="the access log line")
+
+
+def assert_json_error(answer: Exchange, expected: int = 502) -> None:
+    assert answer.status == expected, answer.raw[:500]
+    assert answer.headers["content-type"] == "application/json"
+    document = json.loads(answer.body)
+    assert document["error"] == {502: "bad_gateway", 504: "gateway_timeout"}[expected]
+    assert document["request_id"] == answer.headers["x-request-id"]
+
+
+OK_TAIL = b"Content-Length: 2\r\n\r\nok"
+
+# -- issue 11, item 2: faults that ended in gunicorn's HTML 500 and leaked ------------------
+# -- issue 11, item 4: faults that were passed on as they came ------------------------------
+
+MALFORMED_HEADS = {
+    "control character in a value": b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\n" + OK_TAIL,
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\n" + OK_TAIL,
+    "DEL in a value": b"HTTP/1.1 200 OK\r\nX-Bad: a\x7fb\r\n" + OK_TAIL,
+    "a name with parentheses": b"HTTP/1.1 200 OK\r\nX(Bad): 1\r\n" + OK_TAIL,
+    "a space before the colon": b"HTTP/1.1 200 OK\r\nX-Bad : 1\r\n" + OK_TAIL,
+    "a line without a colon": b"HTTP/1.1 200 OK\r\nNoColon\r\n" + OK_TAIL,
+    "Content-Length: abc": b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nok",
+    "Content-Length: 5, 5": b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello",
+    "Content-Length: -1": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
+    "two different Content-Lengths":
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+    "Content-Length with Transfer-Encoding":
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+    "a transfer coding other than chunked":
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip",
+    "a bare CR inside a value (header injection)":
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\rX-Injected: yes\r\n" + OK_TAIL,
+    "status 999": b"HTTP/1.1 999 Odd\r\n" + OK_TAIL,
+    "status 600": b"HTTP/1.1 600 Odd\r\n" + OK_TAIL,
+    "101 without an upgrade asked for": b"HTTP/1.1 101 Switching Protocols\r\n"
+                                        b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    "not HTTP at all": b"THIS IS NOT HTTP\r\n\r\n",
+    "a head cut before its blank line": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n",
+}
+
+
+@pytest.mark.parametrize("fault", list(MALFORMED_HEADS))
+def test_a_malformed_head_is_a_json_502_and_leaves_nothing(gateway, fault):
+    script: list = [MALFORMED_HEADS[fault]]
+    if fault == "a head cut before its blank line":
+        script.append("close")
+    with ScriptedUpstream(script) as upstream:
+        answer = exchange(gateway, upstream)
+        assert_json_error(answer)
+        assert b"X-Injected" not in answer.raw
+        assert_clean_after(gateway, upstream, answer)
+
+
+@pytest.mark.parametrize("cut_at", [0, 5, 17, 30, 45])
+def test_a_reset_anywhere_in_the_head_is_a_json_502(gateway, cut_at):
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+    with ScriptedUpstream([head[:cut_at], 0.2, "reset"]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert_json_error(answer)
+        assert_clean_after(gateway, upstream, answer)
+
+
+def test_folded_header_lines_are_unfolded_not_refused(gateway):
+    answer = b"HTTP/1.1 200 OK\r\nX-Folded: one\r\n two\r\nConnection: close\r\n" + OK_TAIL
+    with ScriptedUpstream([answer]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert (answer.status, answer.headers["x-folded"], answer.body) == (200, "one two", b"ok")
+        assert_clean_after(gateway, upstream, answer)
+
+
+# -- issue 11, item 3: 1xx answers are informational -----------------------------------------
+
+
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\n\r\n",
+])
+def test_interim_answers_are_skipped_and_the_final_one_relayed(gateway, interim):
+    final = b"HTTP/1.1 201 Created\r\nX-Final: yes\r\nConnection: close\r\n" \
+            b"Content-Length: 5\r\n\r\nfinal"
+    with ScriptedUpstream([interim, 0.1, final]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert (answer.status, answer.headers.get("x-final"), answer.body) == \
+            (201, "yes", b"final")
+        assert "link" not in answer.headers
+        assert_clean_after(gateway, upstream, answer)
+
+
+def test_endless_interim_answers_are_a_502(gateway):
+    with ScriptedUpstream([b"HTTP/1.1 103 Early Hints\r\n\r\n" * 200]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert_json_error(answer)
+        assert_clean_after(gateway, upstream, answer)
+
