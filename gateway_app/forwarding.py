@@ -288,12 +288,34 @@ def read_upto(upstream: UpstreamResponse, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def stream_body(upstream: UpstreamResponse) -> Iterator[bytes]:
-    """Yield the upstream's body as it arrives, untouched (no decompression). A failure is
-    logged and raised as :class:`UpstreamAborted`, so the server cuts the connection and the
-    client sees an incomplete body, never a spliced error text."""
+def open_body(upstream: UpstreamResponse) -> Iterator[bytes]:
+    """The upstream's body as it arrives, untouched (no decompression), its first chunk read
+    already: a failure there is still a 502 or 504 for the client. A later one cuts the
+    connection (see :func:`stream_body`)."""
+    chunks = upstream.raw.stream(CHUNK_SIZE, decode_content=False)
     try:
-        yield from upstream.raw.stream(CHUNK_SIZE, decode_content=False)
+        first = next(chunks, b"")
+    except TRANSPORT_ERRORS as exc:
+        raise upstream_error(exc, upstream.request.instance, mid_body=True) from None
+    return _relay(first, chunks, upstream)
+
+
+def _relay(first: bytes, chunks: Iterator[bytes], upstream: UpstreamResponse
+           ) -> Iterator[bytes]:
+    if first:
+        yield first
+        yield from stream_body(upstream, chunks)
+
+
+def stream_body(upstream: UpstreamResponse, chunks: Iterator[bytes] | None = None
+                ) -> Iterator[bytes]:
+    """Yield the upstream's body as it arrives (the rest of ``chunks``, when given), once
+    the answer has started. A failure is logged and raised as :class:`UpstreamAborted`, so
+    the server cuts the connection and the client sees an incomplete body, never a spliced
+    error text."""
+    try:
+        yield from (chunks if chunks is not None
+                    else upstream.raw.stream(CHUNK_SIZE, decode_content=False))
     except TRANSPORT_ERRORS as exc:
         error = upstream_error(exc, upstream.request.instance, mid_body=True)
         raise UpstreamAborted(error.description) from None

@@ -39,9 +39,9 @@ from .forwarding import (
     HOP_BY_HOP,
     BodyReader,
     dropped_headers,
+    open_body,
     read_upto,
     release,
-    stream_body,
 )
 from .front import RequestView, via_header
 from .health import FAILURE_STATUSES
@@ -167,52 +167,61 @@ def _limit(gw: Any, view: RequestView) -> None:
 
 def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> Response:
     """The client's response: the upstream's status, headers and body, with the policy's
-    transformations; the upstream connection is released when the body is done."""
+    transformations; the upstream connection is released when the body is done.
+
+    Whatever is read before answering (a small body whole, a JSON body to transform, the first
+    chunk of any other) is read here, within the exchange's deadline, so that a failure is
+    still a JSON 502 or 504; after the answer starts, a failure cuts the connection. Whatever
+    goes wrong before the response is handed over, the instance's count and the connection are
+    released."""
     health = gw.registry.health
     policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
         health.failed(instance.health, time.time(), f"status {upstream.status_code}")
     else:
         health.succeeded(instance.health, time.time())
+    released = False
 
     def finished() -> None:
-        health.finished(instance.health)
-        release(upstream)
+        nonlocal released
+        if not released:
+            released = True
+            health.finished(instance.health)
+            release(upstream)
 
-    response_headers = _response_headers(upstream.headers)
-    body_iter: Any = None
-    if policy.transforms_response:
-        response_headers = transforms.response_headers(response_headers, policy)
-        if policy.json_add:
-            try:
+    try:
+        response_headers = _response_headers(upstream.headers)
+        body_iter: Any = None
+        if policy.transforms_response:
+            response_headers = transforms.response_headers(response_headers, policy)
+            if policy.json_add:
                 body_iter = transforms.json_body(upstream, response_headers, policy,
                                                  view.method)
-            except GatewayError:  # the upstream failed mid-body, before any header went out
-                finished()
-                raise
-    if body_iter is None:
-        remaining = upstream.raw.length_remaining  # by Content-Length; None when unknown
-        if remaining is not None and remaining <= SMALL_BODY_BYTES:
-            # A small body of known length is read whole before answering (nginx's proxy
-            # buffering does the same): the upstream connection is back in the pool before
-            # the client is written to, and a body cut short is still a 502, not a cut
-            # connection.
-            try:
+        if body_iter is None:
+            remaining = upstream.raw.length_remaining  # by Content-Length; None when unknown
+            if remaining is not None and remaining <= SMALL_BODY_BYTES:
+                # A small body of known length is read whole before answering (nginx's proxy
+                # buffering does the same): the upstream connection is back in the pool before
+                # the client is written to, and a body cut short is still a 502, not a cut
+                # connection.
                 data = read_upto(upstream, remaining)
-            finally:
                 finished()
-            # (Not passed through: werkzeug then runs the response's close callbacks.)
-            return PassthroughResponse([data], status=upstream.status_code,
-                                       headers=response_headers)
-        body_iter = stream_body(upstream)
-    # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
-    # (called by the server when done, or when the client went away) must release the upstream.
-    return PassthroughResponse(
-        ClosingIterator(body_iter, finished),
-        status=upstream.status_code,
-        headers=response_headers,
-        direct_passthrough=True,
-    )
+                # (Not passed through: werkzeug then runs the response's close callbacks.)
+                return PassthroughResponse([data], status=upstream.status_code,
+                                           headers=response_headers)
+            body_iter = open_body(upstream)
+        # With direct_passthrough, werkzeug hands this iterable to the server as it is: its
+        # close() (called by the server when done, or when the client went away) must release
+        # the upstream.
+        return PassthroughResponse(
+            ClosingIterator(body_iter, finished),
+            status=upstream.status_code,
+            headers=response_headers,
+            direct_passthrough=True,
+        )
+    except BaseException:
+        finished()
+        raise
 
 
 def _send_with_retries(gw: Any, view: RequestView, service: Service,

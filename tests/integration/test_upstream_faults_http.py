@@ -179,3 +179,29 @@ def test_endless_interim_answers_are_a_502(gateway):
         assert_json_error(answer)
         assert_clean_after(gateway, upstream, answer)
 
+
+# -- issue 11, item 1: a reset in the body --------------------------------------------------
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # a body read until the connection ends
+])
+def test_a_reset_in_the_first_64_kib_of_a_long_body_is_a_json_502(gateway, head):
+    with ScriptedUpstream([head + b"x" * 1000, 0.2, "reset"]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert_json_error(answer)
+        assert_clean_after(gateway, upstream, answer)
+
+
+def test_a_reset_after_the_answer_started_cuts_the_connection(gateway):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n"
+    with ScriptedUpstream([head + b"x" * 150000, 1.0, "reset"]) as upstream:
+        answer = exchange(gateway, upstream)
+        assert answer.status == 200
+        assert answer.headers["content-length"] == "300000"
+        body = answer.body
+        assert 0 < len(body) < 300000 and set(body) == {ord("x")}  # cut, nothing spliced in
+        assert_clean_after(gateway, upstream, answer)
+
