@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from . import accesslog
+from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
@@ -98,6 +99,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     registry = Registry(store, settings.refresh_interval, settings.balancing,
                         settings.ejection_seconds)
     forwarder = Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle,
+                          addresses=AddressPolicy(settings.upstream_deny, settings.bind),
                           fast_paths=settings.fast_paths)
     state = GatewayState(
         settings=settings,

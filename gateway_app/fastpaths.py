@@ -53,6 +53,7 @@ from typing import IO, Any
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import SKIP_HEADER
 
+from .addresses import AddressPolicy
 from .config import FAST_PATH_NAMES
 from .transport import (
     MAX_HEADERS,
@@ -367,7 +368,8 @@ def available(requested: frozenset[str]) -> frozenset[str]:
                      if name in requested and _unavailable(name) is None)
 
 
-def transport_classes(enabled: frozenset[str]) -> dict[str, type[HTTPConnectionPool]]:
+def transport_classes(enabled: frozenset[str], addresses: AddressPolicy
+                      ) -> dict[str, type[HTTPConnectionPool]]:
     """The pool classes of a transport (by scheme): the stock connections of
     :mod:`~gateway_app.transport` with the ``enabled`` fast paths in place."""
     response: type[UpstreamHTTPResponse] = UpstreamHTTPResponse
@@ -375,7 +377,7 @@ def transport_classes(enabled: frozenset[str]) -> dict[str, type[HTTPConnectionP
         response = type("FastUpstreamHTTPResponse", (UpstreamHTTPResponse,),
                         {"read_head": begin_without_email})
     mixins: tuple[type, ...] = (OneStepPutheader,) if "header_lines" in enabled else ()
-    attributes = {"response_class": response}
+    attributes = {"response_class": response, "addresses": addresses}
     plain = type("HTTPConnection", (*mixins, UpstreamHTTPConnection), {
         **attributes,
         "socket_class": KernelTimedSocket if "kernel_timeouts" in enabled else None,

@@ -27,6 +27,7 @@ import requests
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
+    NameResolutionError,
     NewConnectionError,
     ReadTimeoutError,
 )
@@ -34,6 +35,7 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import SKIP_HEADER
 
 from . import fastpaths, transport
+from .addresses import AddressPolicy
 from .config import FAST_PATH_NAMES
 from .errors import (
     BadGateway,
@@ -45,6 +47,7 @@ from .errors import (
 )
 from .transport import (
     Adapter,
+    RefusedAddressError,
     UpstreamProtocolError,
     UpstreamRequest,
     UpstreamResponse,
@@ -168,6 +171,7 @@ class Forwarder:
     """Sends requests to upstream instances over per-process pooled connections."""
 
     def __init__(self, pool_size: int, ca_bundle: str | None = None,
+                 addresses: AddressPolicy | None = None,
                  fast_paths: frozenset[str] = frozenset(FAST_PATH_NAMES)) -> None:
         #: The fast paths in use: those asked for that the installed libraries allow.
         self.fast_paths = fastpaths.available(fast_paths)
@@ -176,7 +180,7 @@ class Forwarder:
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
         self.adapter = Adapter(
             transport.tls_context(ca_bundle),
-            fastpaths.transport_classes(self.fast_paths),
+            fastpaths.transport_classes(self.fast_paths, addresses or AddressPolicy()),
             pool_connections=256, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
@@ -242,8 +246,13 @@ def upstream_error(exc: BaseException, instance: Any, mid_body: bool = False) ->
     safe = False
     error: type[GatewayError] = BadGateway
     detail = type(causes[-1]).__name__
-    if has(requests.ConnectTimeout) or (has(ConnectTimeoutError)
-                                        and not has(NewConnectionError)):
+    if refused := has(RefusedAddressError):
+        kind, what, safe = "address_refused", "resolves to a refused address", True
+        detail = str(getattr(refused, "refused", refused))
+    elif has(NameResolutionError):
+        kind, what, safe = "name_unresolved", "has a host name that does not resolve", True
+    elif has(requests.ConnectTimeout) or (has(ConnectTimeoutError)
+                                          and not has(NewConnectionError)):
         error, kind, what, safe = (GatewayTimeout, "connect_timeout",
                                    "did not accept the connection in time", True)
     elif has(NewConnectionError):

@@ -3,6 +3,9 @@ libraries' own extension points.
 
 requests' :class:`~requests.adapters.HTTPAdapter` over urllib3's connection pools, with:
 
+* **Connect-time checks.** A connection resolves its host when it connects, checks every
+  address (:class:`~gateway_app.addresses.AddressPolicy`) and connects to a checked address,
+  by IP: no second lookup that DNS rebinding could change.
 * **The target as sent.** urllib3 normalises a request target (``%2f`` becomes ``%2F``); the
   client's own is put back in the request line.
 * **A strict head.** Interim (1xx) answers are skipped; a head that HTTP does not allow (a bad
@@ -13,6 +16,7 @@ Only the libraries' documented hooks are used:
 
 * requests: ``HTTPAdapter``'s subclassing hooks;
 * urllib3: ``PoolManager.pool_classes_by_scheme`` and ``HTTPConnectionPool.ConnectionCls``;
+* urllib3: the ``HTTPConnection.host`` setter;
 * http.client: ``HTTPConnection.connect``, ``putrequest`` and ``putheader``;
 * http.client: ``HTTPConnection.response_class`` and ``HTTPResponse.begin``;
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import http.client
 import re
+import socket
 import ssl
 from collections.abc import Callable
 from typing import IO, Any
@@ -32,7 +37,10 @@ from typing import IO, Any
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util import SKIP_HEADER
+
+from .addresses import AddressPolicy, AddressRefused
 
 #: The exchange in progress on this thread: the request target exactly as the client wrote
 #: it. Set by the forwarder around each call into the libraries.
@@ -203,15 +211,48 @@ class UpstreamHTTPResponse(http.client.HTTPResponse):
 # -- connections -----------------------------------------------------------------------------
 
 
-class UpstreamHTTPConnection(HTTPConnection):
-    """urllib3's connection, sending the client's own target."""
+class RefusedAddressError(NewConnectionError):
+    """The upstream's host is, or resolves to, an address the gateway never connects to."""
 
+    def __init__(self, conn: Any, refused: AddressRefused) -> None:
+        super().__init__(conn, str(refused))
+        self.refused = refused
+
+
+class UpstreamHTTPConnection(HTTPConnection):
+    """urllib3's connection, to checked addresses only, sending the client's own target."""
+
+    #: What may be connected to (each transport sets its own).
+    addresses: AddressPolicy = AddressPolicy()
     #: The socket class a plain connection's socket becomes (``None``: urllib3's own).
     socket_class: Any = None
     response_class = UpstreamHTTPResponse
 
+    def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(host, *args, **kwargs)
+        #: The host as registered: resolved and checked every time the connection opens.
+        self.upstream_host = host
+
     def connect(self) -> None:
-        super().connect()
+        name = self.upstream_host
+        try:
+            addresses = self.addresses.resolve(name, self.port)
+        except socket.gaierror as exc:
+            raise NameResolutionError(name, self, exc) from None  # type: ignore[arg-type]
+        except AddressRefused as exc:
+            raise RefusedAddressError(self, exc) from None
+        last = len(addresses) - 1
+        for index, (_family, ip) in enumerate(addresses):
+            # urllib3 connects to ``host``: an IP literal, so it resolves nothing itself.
+            self.host = ip
+            try:
+                super().connect()
+                break
+            except (NewConnectionError, ConnectTimeoutError):
+                if index == last:
+                    raise
+            finally:
+                self.host = name
         self._bind_socket()
 
     def _bind_socket(self) -> None:
@@ -237,7 +278,13 @@ class UpstreamHTTPConnection(HTTPConnection):
 
 
 class UpstreamHTTPSConnection(UpstreamHTTPConnection, HTTPSConnection):
-    """The same over TLS."""
+    """The same over TLS: the certificate is checked against the registered host name while
+    the connection goes to the checked address."""
+
+    def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(host, *args, **kwargs)
+        if self.server_hostname is None:
+            self.server_hostname = host
 
     def _bind_socket(self) -> None:
         """A TLS socket stays as the TLS context made it."""

@@ -205,3 +205,26 @@ def test_a_reset_after_the_answer_started_cuts_the_connection(gateway):
         assert 0 < len(body) < 300000 and set(body) == {ord("x")}  # cut, nothing spliced in
         assert_clean_after(gateway, upstream, answer)
 
+
+# -- issue 11, item 5: the name is checked when connecting -----------------------------------
+
+
+def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gateway):
+    """``localhost`` resolves to loopback; with loopback refused by GATEWAY_UPSTREAM_DENY, the
+    registered name is checked at connect time."""
+    gateway = start_gateway(GATEWAY_WORKERS=1,
+                            GATEWAY_UPSTREAM_DENY="127.0.0.0/8,::1/128")
+    with ScriptedUpstream([b"HTTP/1.1 200 OK\r\n" + OK_TAIL]) as upstream:
+        address = f"http://localhost:{upstream.port}"
+        assert gateway.register("named", address).status_code == 201
+        # an IP literal in a refused range is refused at registration already
+        assert gateway.register("literal", f"http://127.0.0.1:{upstream.port}").status_code \
+            == 400
+        response = gateway.fresh_get("/named/x", {"Authorization": TOKEN})
+        assert (response.status_code, response.json()["error"]) == (502, "bad_gateway")
+        assert "refused address" in response.json()["message"]
+        listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
+        assert listing["instances"][0]["in_flight"] == 0
+        assert not leaked_sockets(gateway.worker_pids(), upstream.port)
+        assert upstream.requests == []  # nothing ever reached it
+

@@ -14,6 +14,7 @@ import pytest
 from urllib3.util import SKIP_HEADER
 
 from gateway_app import fastpaths
+from gateway_app.addresses import AddressPolicy
 from gateway_app.config import FAST_PATH_NAMES
 from gateway_app.errors import GatewayError
 from gateway_app.fastpaths import parse_headers
@@ -25,7 +26,7 @@ NONE: frozenset[str] = frozenset()
 
 
 def connection_class(fast: frozenset[str], scheme: str = "http") -> type:
-    return fastpaths.transport_classes(fast)[scheme].ConnectionCls
+    return fastpaths.transport_classes(fast, AddressPolicy())[scheme].ConnectionCls
 
 
 def test_every_fast_path_is_available_with_the_pinned_libraries():

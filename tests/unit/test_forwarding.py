@@ -186,3 +186,166 @@ def test_transport_errors_are_translated_in_one_place(script, error, kind):
             forwarder.close()
     assert info.value.kind == kind
     assert "127.0.0.1" not in info.value.description  # the client is not told the address
+
+
+# -- connect-time address checks (issue 11, item 5) -------------------------------------------
+
+
+class Named:
+    """An instance registered under a host name (resolved by the test's stub)."""
+
+    scheme, service, id, base_path = "http", "svc", "i1", ""
+
+    def __init__(self, host: str, port: int = 80, scheme: str = "http") -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        self.origin = f"{scheme}://{host}:{port}"
+
+
+class StubResolver:
+    """Answers ``getaddrinfo`` from a table: each name to a list of addresses, or to a list of
+    such lists, one per successive lookup. Nothing goes to DNS."""
+
+    def __init__(self, table: dict[str, list]) -> None:
+        self.table = table
+        self.lookups: list[str] = []
+
+    def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
+        self.lookups.append(host)
+        answer = self.table.get(host, [])
+        if answer and isinstance(answer[0], list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        if not answer:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (ip, port, 0, 0) if ":" in ip else (ip, port)) for ip in answer]
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Whatever the check under test does, no connection leaves loopback: urllib3's
+    ``create_connection`` refuses anything else (and records what was tried)."""
+    import urllib3.util.connection
+
+    real = urllib3.util.connection.create_connection
+    tried: list[str] = []
+
+    def create_connection(address, *args, **kwargs):
+        tried.append(address[0])
+        if address[0] not in ("127.0.0.1", "::1"):
+            raise AssertionError(f"a connection to {address[0]} was attempted")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
+    return tried
+
+
+REFUSED = [
+    "169.254.169.254", "169.254.0.1", "fd00:ec2::254", "64:ff9b::a9fe:a9fe",
+    "::ffff:169.254.169.254", "100.100.100.200", "192.0.0.192", "168.63.129.16", "0.0.0.0",
+    "0.1.2.3", "::", "224.0.0.1", "255.255.255.255", "ff02::1", "fe80::1",
+]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+@pytest.mark.parametrize("address", REFUSED)
+def test_a_name_resolving_to_a_refused_address_is_never_connected_to(loopback_only, address,
+                                                                     fast):
+    from gateway_app.addresses import AddressPolicy
+
+    resolver = StubResolver({"evil.test": [address]})
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver),
+                          fast_paths=frozenset(FAST) if fast else frozenset())
+    try:
+        with pytest.raises(BadGateway) as info:
+            forwarder.send(Named("evil.test"), "GET", "/", {"Host": "evil.test"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert info.value.kind == "address_refused" and info.value.safe_to_retry
+    assert "refused address" in info.value.description
+    assert resolver.lookups == ["evil.test"] and loopback_only == []
+
+
+def test_one_refused_address_among_several_refuses_the_name(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    resolver = StubResolver({"mixed.test": ["127.0.0.1", "169.254.169.254"]})
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+    try:
+        with pytest.raises(BadGateway, match="refused address"):
+            forwarder.send(Named("mixed.test"), "GET", "/", {"Host": "x"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert loopback_only == []
+
+
+@pytest.mark.parametrize("bind, deny, address, refused", [
+    ("127.0.0.1:8080", (), "127.0.0.1", True),  # the gateway itself
+    ("127.0.0.1:8080", (), "127.0.0.2", False),
+    ("0.0.0.0:8080", (), "127.0.0.5", True),  # listening everywhere: all of loopback is it
+    ("127.0.0.1:9", (), "127.0.0.1", False),  # another port
+    (None, ("10.0.0.0/8",), "10.1.2.3", True),  # GATEWAY_UPSTREAM_DENY
+    (None, ("10.0.0.0/8",), "::ffff:10.1.2.3", True),
+    (None, (), "10.1.2.3", False),
+])
+def test_the_gateways_own_address_and_the_deny_setting(bind, deny, address, refused):
+    import ipaddress
+
+    from gateway_app.addresses import AddressPolicy
+
+    policy = AddressPolicy([ipaddress.ip_network(n) for n in deny], bind,
+                           resolve=StubResolver({}))
+    assert (policy.refusal(ipaddress.ip_address(address), 8080) is not None) is refused
+
+
+def test_dns_rebinding_after_a_good_answer_is_caught_on_the_next_connection(loopback_only):
+    """The name is resolved and checked on every new connection, and the connection goes to
+    the address checked: a second lookup cannot slip another address in."""
+    from gateway_app.addresses import AddressPolicy
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with ScriptedUpstream([answer]) as upstream:
+        resolver = StubResolver({"rebind.test": [["127.0.0.1"], ["169.254.169.254"]]})
+        forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+        instance = Named("rebind.test", upstream.port)
+        try:
+            first = forwarder.send(instance, "GET", "/", {"Host": "rebind.test"}, None, 2, 5)
+            assert b"".join(stream_body(first)) == b"ok"
+            release(first)
+            with pytest.raises(BadGateway, match="refused address"):
+                forwarder.send(instance, "GET", "/", {"Host": "rebind.test"}, None, 2, 5)
+        finally:
+            forwarder.close()
+        assert resolver.lookups == ["rebind.test", "rebind.test"]
+        assert len(upstream.requests) == 1
+        assert upstream.requests[0].startswith(b"GET / HTTP/1.1\r\nHost: rebind.test\r\n")
+        assert loopback_only == ["127.0.0.1"]
+
+
+def test_a_name_with_several_addresses_falls_back_to_the_next_checked_one(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with ScriptedUpstream([answer]) as upstream:
+        resolver = StubResolver({"two.test": ["::1", "127.0.0.1"]})  # nothing on ::1 there
+        forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+        try:
+            response = forwarder.send(Named("two.test", upstream.port), "GET", "/",
+                                      {"Host": "two.test"}, None, 2, 5)
+            assert response.status_code == 200
+            release(response)
+        finally:
+            forwarder.close()
+    assert loopback_only == ["::1", "127.0.0.1"]
+
+
+def test_a_name_that_does_not_resolve_is_a_502_safe_to_retry(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=StubResolver(
+        {"nowhere.test": []})))
+    try:
+        with pytest.raises(BadGateway) as info:
+            forwarder.send(Named("nowhere.test"), "GET", "/", {"Host": "x"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert info.value.kind == "name_unresolved" and info.value.safe_to_retry
