@@ -106,6 +106,10 @@ class Settings:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     upstream_ca_bundle: str | None = None
+    #: Seconds one upstream exchange may take in all, retries included, from the first connect
+    #: to the response head (and the body read before answering); ``None``: connect + read
+    #: timeout of the service.
+    upstream_timeout: float | None = None
     #: Networks no upstream connection goes to, besides addresses.REFUSED_RANGES.
     upstream_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     #: The fast paths to use, when the installed libraries have what each relies on.
@@ -302,6 +306,8 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
+    upstream_timeout = (_float(env, "GATEWAY_UPSTREAM_TIMEOUT", 0.0, 0.01, 3600.0)
+                        if _get(env, "GATEWAY_UPSTREAM_TIMEOUT") else None)
 
     return Settings(
         bind=bind,
@@ -324,6 +330,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         read_timeout=_float(env, "GATEWAY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 0.01, 3600),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 0, 2**40),
         upstream_ca_bundle=ca_bundle,
+        upstream_timeout=upstream_timeout,
         upstream_deny=_networks(env, "GATEWAY_UPSTREAM_DENY", ""),
         fast_paths=_fast_paths(env),
         rate_limit=rate_limit,

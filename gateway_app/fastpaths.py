@@ -58,9 +58,11 @@ from .config import FAST_PATH_NAMES
 from .transport import (
     MAX_HEADERS,
     MAX_LINE,
+    DeadlineSocket,
     UpstreamHTTPConnection,
     UpstreamHTTPResponse,
     UpstreamHTTPSConnection,
+    capped,
 )
 
 log = logging.getLogger("gateway.fastpaths")
@@ -83,9 +85,9 @@ class KernelTimedSocket(socket.socket):
     A Python socket with a timeout is non-blocking underneath: every ``settimeout`` is an
     ioctl and every send or receive a ``poll`` first. Here ``settimeout`` only records the
     value; a receive or send passes it to the kernel when it differs from the one the kernel
-    already holds for that direction (in practice once per connection: the connect timeout
-    for sending, the read timeout for receiving). A kernel timeout (EAGAIN) is raised as
-    :class:`TimeoutError`, as a Python timeout would be.
+    already holds for that direction (in practice once per connection, or once per operation
+    near the exchange's deadline, which bounds it as for the stock socket). A kernel timeout
+    (EAGAIN) is raised as :class:`TimeoutError`, as a Python timeout would be.
     """
 
     __slots__ = ("_timeout", "_in_kernel")
@@ -111,7 +113,7 @@ class KernelTimedSocket(socket.socket):
 
     def _timed(self, option: int, method: Callable[..., Any], *args: Any) -> Any:
         """The socket ``method`` with the timeout in force for ``option``'s direction."""
-        timeout = self._timeout
+        timeout = capped(self._timeout)
         if self._in_kernel.get(option, -1.0) != timeout:
             self.setsockopt(socket.SOL_SOCKET, option, _timeval(timeout))
             self._in_kernel[option] = timeout
@@ -380,7 +382,7 @@ def transport_classes(enabled: frozenset[str], addresses: AddressPolicy
     attributes = {"response_class": response, "addresses": addresses}
     plain = type("HTTPConnection", (*mixins, UpstreamHTTPConnection), {
         **attributes,
-        "socket_class": KernelTimedSocket if "kernel_timeouts" in enabled else None,
+        "socket_class": KernelTimedSocket if "kernel_timeouts" in enabled else DeadlineSocket,
     })
     tls = type("HTTPSConnection", (*mixins, UpstreamHTTPSConnection), attributes)
     return {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import logging
 import ssl
+import time
 from collections.abc import Iterator
 from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
@@ -47,6 +48,7 @@ from .errors import (
 )
 from .transport import (
     Adapter,
+    Deadline,
     RefusedAddressError,
     UpstreamProtocolError,
     UpstreamRequest,
@@ -96,6 +98,9 @@ class BodyReader:
 
     def __init__(self, stream: IO[bytes], limit: int, expected: int | None = None) -> None:
         self._stream = stream
+        #: The upstream exchange's deadline: time spent waiting for the client's body is
+        #: added to it (a slow client is not the upstream's fault).
+        self.deadline: Deadline | None = None
         self._remaining = limit
         #: The declared Content-Length (``None``: chunked).
         self._expected = expected
@@ -118,6 +123,8 @@ class BodyReader:
         return self._read(size)
 
     def _read(self, size: int = CHUNK_SIZE) -> bytes:
+        deadline = self.deadline
+        started = time.monotonic() if deadline is not None else 0.0
         try:
             data = self._stream.read(size if size and size > 0 else CHUNK_SIZE)
         except TimeoutError:
@@ -125,6 +132,9 @@ class BodyReader:
         except Exception as exc:  # whatever the server's input stream raises on a broken read
             raise self._fail(BadRequest(f"the request body could not be read: "
                                         f"{type(exc).__name__}")) from None
+        finally:
+            if deadline is not None:
+                deadline.at += time.monotonic() - started
         if not data and self._expected is not None and self.sent < self._expected:
             raise self._fail(BadRequest(f"the request body ended after {self.sent} of its "
                                         f"{self._expected} bytes"))
@@ -189,16 +199,19 @@ class Forwarder:
         self.session.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
-             body: BodyReader | bytes | None, connect_timeout: float,
-             read_timeout: float) -> UpstreamResponse:
-        """Send one request; the response's body is left unread, to be streamed."""
+             body: BodyReader | bytes | None, connect_timeout: float, read_timeout: float,
+             deadline: Deadline | None = None) -> UpstreamResponse:
+        """Send one request; the response's body is left unread, to be streamed. Everything
+        up to the answer's head ends by ``deadline``."""
         for name in _NOT_ADDED:
             # Not sent (or spelt otherwise by a policy: that spelling still goes up, as the
             # marker itself is never written) means the library adds none of its own.
             if name not in headers:
                 headers[name] = SKIP_HEADER
+        if deadline is not None:
+            connect_timeout = min(connect_timeout, max(0.001, deadline.remaining()))
         request = UpstreamRequest(instance, method, target, headers, body)
-        exchange = transport.enter(target)
+        exchange = transport.enter(target, deadline)
         try:
             response: UpstreamResponse = self.adapter.send(  # type: ignore[assignment]
                 request, stream=True, proxies={}, timeout=(connect_timeout, read_timeout))
@@ -208,6 +221,7 @@ class Forwarder:
             raise upstream_error(exc, instance) from None
         finally:
             transport.leave(exchange)
+        response.deadline = deadline
         return response
 
 
@@ -282,9 +296,10 @@ def upstream_error(exc: BaseException, instance: Any, mid_body: bool = False) ->
 
 
 def read_upto(upstream: UpstreamResponse, limit: int) -> bytes:
-    """Read at most ``limit`` bytes of the upstream's body, before any header went out: a
-    failure here is still a 502 or 504 for the client."""
+    """Read at most ``limit`` bytes of the upstream's body, before any header went out, within
+    the exchange's deadline: a failure here is still a 502 or 504 for the client."""
     chunks, total = [], 0
+    exchange = transport.enter(None, upstream.deadline)
     try:
         while total < limit:
             chunk = upstream.raw.read(min(CHUNK_SIZE, limit - total), decode_content=False)
@@ -294,18 +309,23 @@ def read_upto(upstream: UpstreamResponse, limit: int) -> bytes:
             total += len(chunk)
     except TRANSPORT_ERRORS as exc:
         raise upstream_error(exc, upstream.request.instance, mid_body=True) from None
+    finally:
+        transport.leave(exchange)
     return b"".join(chunks)
 
 
 def open_body(upstream: UpstreamResponse) -> Iterator[bytes]:
     """The upstream's body as it arrives, untouched (no decompression), its first chunk read
-    already: a failure there is still a 502 or 504 for the client. A later one cuts the
-    connection (see :func:`stream_body`)."""
+    already, within the exchange's deadline: a failure there is still a 502 or 504 for the
+    client. A later one cuts the connection (see :func:`stream_body`)."""
     chunks = upstream.raw.stream(CHUNK_SIZE, decode_content=False)
+    exchange = transport.enter(None, upstream.deadline)
     try:
         first = next(chunks, b"")
     except TRANSPORT_ERRORS as exc:
         raise upstream_error(exc, upstream.request.instance, mid_body=True) from None
+    finally:
+        transport.leave(exchange)
     return _relay(first, chunks, upstream)
 
 

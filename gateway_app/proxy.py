@@ -49,6 +49,7 @@ from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision, refused_credential_key
 from .registry import Instance, Service
 from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
+from .transport import Deadline
 from .validation import NAME_RE, RESERVED_NAMES
 
 #: The methods forwarded; anything else gets 405 from routing.
@@ -244,7 +245,11 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             body, length = whole, str(len(whole))
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
-    deadline = time.monotonic() + connect_timeout + read_timeout
+    # One deadline for the whole exchange, retries included (time spent waiting for the
+    # client's body excepted); each connect, send and read ends by it.
+    deadline = Deadline(settings.upstream_timeout or connect_timeout + read_timeout)
+    if isinstance(body, BodyReader):
+        body.deadline = deadline
     target = view.upstream_path()
     health = gw.registry.health
     tried: set[str] = set()
@@ -268,7 +273,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         try:
             upstream = gw.forwarder.send(
                 instance, method, (instance.base_path + target or "/") + view.query, headers,
-                body, connect_timeout, max(0.01, min(read_timeout, deadline - time.monotonic())),
+                body, connect_timeout, read_timeout, deadline,
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
@@ -276,7 +281,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
             replayable = idempotent and not isinstance(body, BodyReader)
             if (len(tried) < MAX_RETRIES and (unsent or replayable)
-                    and deadline - time.monotonic() > 0.05 and gw.retries.try_retry()):
+                    and deadline.remaining() > 0.05 and gw.retries.try_retry()):
                 log.info("retrying %s %s on another instance after: %s", method,
                          service.name, exc.description)
                 tried.add(instance.id)

@@ -8,6 +8,9 @@ requests' :class:`~requests.adapters.HTTPAdapter` over urllib3's connection pool
   by IP: no second lookup that DNS rebinding could change.
 * **The target as sent.** urllib3 normalises a request target (``%2f`` becomes ``%2F``); the
   client's own is put back in the request line.
+* **One deadline per exchange.** Every receive and send on an upstream socket ends by the
+  exchange's :class:`Deadline` (connect, send, wait and head, across retries), not only by
+  its per-operation timeout: an upstream sending a byte at a time is cut off at the deadline.
 * **A strict head.** Interim (1xx) answers are skipped; a head that HTTP does not allow (a bad
   status, field name or value, a bare CR, an unusable Content-Length or Transfer-Encoding) is
   refused with :class:`UpstreamProtocolError` before anything of it reaches the client.
@@ -19,6 +22,7 @@ Only the libraries' documented hooks are used:
 * urllib3: the ``HTTPConnection.host`` setter;
 * http.client: ``HTTPConnection.connect``, ``putrequest`` and ``putheader``;
 * http.client: ``HTTPConnection.response_class`` and ``HTTPResponse.begin``;
+* ssl: ``SSLContext.sslsocket_class``.
 
 Faster routes through private internals are in :mod:`~gateway_app.fastpaths`; errors are
 turned into the gateway's own in :mod:`~gateway_app.forwarding`.
@@ -31,6 +35,7 @@ import http.client
 import re
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -42,19 +47,95 @@ from urllib3.util import SKIP_HEADER
 
 from .addresses import AddressPolicy, AddressRefused
 
+
+class Deadline:
+    """The moment (``time.monotonic()``) an upstream exchange must be over by."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+
 #: The exchange in progress on this thread: the request target exactly as the client wrote
-#: it. Set by the forwarder around each call into the libraries.
-_exchange: contextvars.ContextVar[str | None] = \
+#: it, and the exchange's deadline. Set by the forwarder around each call into the libraries.
+_exchange: contextvars.ContextVar[tuple[str | None, Deadline | None] | None] = \
     contextvars.ContextVar("upstream_exchange", default=None)
 
 
-def enter(target: str | None) -> contextvars.Token[Any]:
+def enter(target: str | None, deadline: Deadline | None) -> contextvars.Token[Any]:
     """Start an exchange on this thread (undo with :func:`leave`)."""
-    return _exchange.set(target)
+    return _exchange.set((target, deadline))
 
 
 def leave(token: contextvars.Token[Any]) -> None:
     _exchange.reset(token)
+
+
+def capped(timeout: float | None) -> float | None:
+    """``timeout`` for one socket operation, cut to what is left of the exchange's deadline;
+    :class:`TimeoutError` when nothing is left."""
+    current = _exchange.get()
+    deadline = current[1] if current is not None else None
+    if deadline is None:
+        return timeout
+    left = deadline.at - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the upstream exchange's deadline passed")
+    if isinstance(timeout, int | float) and timeout <= left:
+        return timeout
+    return left
+
+
+class _Bounded:
+    """Receives and sends that end by the exchange's deadline. A socket's timeout bounds one
+    operation; an upstream that sends a byte now and then never trips it."""
+
+    __slots__ = ()
+
+    def _bounded(self, operation: Callable[..., Any], *args: Any) -> Any:
+        timeout = self.gettimeout()  # type: ignore[attr-defined]
+        limit = capped(timeout)
+        if limit == timeout:
+            return operation(*args)
+        self.settimeout(limit)  # type: ignore[attr-defined]
+        try:
+            return operation(*args)
+        finally:
+            self.settimeout(timeout)  # type: ignore[attr-defined]
+
+    def recv_into(self, *args: Any) -> int:
+        return self._bounded(super().recv_into, *args)  # type: ignore[misc]
+
+    def recv(self, *args: Any) -> bytes:
+        return self._bounded(super().recv, *args)  # type: ignore[misc]
+
+    def send(self, *args: Any) -> int:
+        return self._bounded(super().send, *args)  # type: ignore[misc]
+
+    def sendall(self, *args: Any) -> None:
+        self._bounded(super().sendall, *args)  # type: ignore[misc]
+
+
+class DeadlineSocket(_Bounded, socket.socket):
+    """A plain upstream socket bounded by the exchange's deadline."""
+
+    __slots__ = ()
+
+    @classmethod
+    def adopt(cls, sock: socket.socket) -> socket.socket:
+        """Take over ``sock``'s file descriptor (and its timeout)."""
+        timeout = sock.gettimeout()
+        adopted = cls(sock.family, sock.type, sock.proto, sock.detach())
+        adopted.settimeout(timeout)
+        return adopted
+
+
+class DeadlineSSLSocket(_Bounded, ssl.SSLSocket):
+    """A TLS upstream socket bounded by the exchange's deadline (``sslsocket_class``)."""
 
 
 # -- the answer's head -----------------------------------------------------------------------
@@ -224,8 +305,8 @@ class UpstreamHTTPConnection(HTTPConnection):
 
     #: What may be connected to (each transport sets its own).
     addresses: AddressPolicy = AddressPolicy()
-    #: The socket class a plain connection's socket becomes (``None``: urllib3's own).
-    socket_class: Any = None
+    #: The socket class a plain connection's socket becomes.
+    socket_class: Any = DeadlineSocket
     response_class = UpstreamHTTPResponse
 
     def __init__(self, host: str, *args: Any, **kwargs: Any) -> None:
@@ -234,7 +315,7 @@ class UpstreamHTTPConnection(HTTPConnection):
         self.upstream_host = host
 
     def connect(self) -> None:
-        name = self.upstream_host
+        name, timeout = self.upstream_host, self.timeout
         try:
             addresses = self.addresses.resolve(name, self.port)
         except socket.gaierror as exc:
@@ -246,22 +327,26 @@ class UpstreamHTTPConnection(HTTPConnection):
             # urllib3 connects to ``host``: an IP literal, so it resolves nothing itself.
             self.host = ip
             try:
+                self.timeout = capped(timeout)  # type: ignore[assignment]
                 super().connect()
                 break
+            except TimeoutError:  # the deadline passed before this attempt
+                raise ConnectTimeoutError(self, f"connection to {name} timed out (the "
+                                                "exchange's deadline passed)") from None
             except (NewConnectionError, ConnectTimeoutError):
                 if index == last:
                     raise
             finally:
-                self.host = name
+                self.host, self.timeout = name, timeout
         self._bind_socket()
 
     def _bind_socket(self) -> None:
-        if self.socket_class is not None:
-            self.sock = self.socket_class.adopt(self.sock)
+        self.sock = self.socket_class.adopt(self.sock)
 
     def putrequest(self, method: str, url: str, skip_host: bool = False,
                    skip_accept_encoding: bool = False) -> None:
-        target = _exchange.get()
+        current = _exchange.get()
+        target = current[0] if current is not None else None
         super().putrequest(method, target or url, skip_host=skip_host,
                            skip_accept_encoding=skip_accept_encoding)
 
@@ -287,7 +372,7 @@ class UpstreamHTTPSConnection(UpstreamHTTPConnection, HTTPSConnection):
             self.server_hostname = host
 
     def _bind_socket(self) -> None:
-        """A TLS socket stays as the TLS context made it."""
+        """The TLS context's ``sslsocket_class`` made the socket a :class:`DeadlineSSLSocket`."""
 
 
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -295,6 +380,7 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     configured CA bundle, else the system's CAs (requests alone would use certifi's), host
     names checked."""
     context = ssl.create_default_context(cafile=ca_bundle)
+    context.sslsocket_class = DeadlineSSLSocket
     return context
 
 
@@ -320,7 +406,7 @@ class UpstreamResponse:
     unread (``raw``). requests' own Response (a cookie jar, a lock, a policy per response)
     is not made: the gateway passes ``Set-Cookie`` on as it came."""
 
-    __slots__ = ("request", "status_code", "headers", "raw", "reason", "url")
+    __slots__ = ("request", "status_code", "headers", "raw", "reason", "url", "deadline")
 
     def __init__(self, request: UpstreamRequest, raw: Any) -> None:
         self.request = request
@@ -329,6 +415,8 @@ class UpstreamResponse:
         self.raw = raw
         self.reason = raw.reason
         self.url = request.url
+        #: The exchange's deadline, for the body read before answering the client.
+        self.deadline: Deadline | None = None
 
 
 #: Upper bound on the origins whose pools the adapter remembers (more are simply looked up).

@@ -9,6 +9,7 @@ upstream is left open in the gateway, and the access log has the request's line.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -25,13 +26,16 @@ from tests.support import (
 )
 
 TOKEN = make_token(ttl=3600)
+#: Seconds the gateway gives one upstream exchange in all (GATEWAY_UPSTREAM_TIMEOUT).
+TOTAL = 3.0
 
 
 def one_worker_gateway(data_dir, **env) -> Gateway:
     """One worker, so ``in_flight`` and the sockets it holds are those of the worker that
     served the request."""
     return Gateway(data_dir, GATEWAY_WORKERS=1, GATEWAY_JWT_SECRET=SECRET,
-                   GATEWAY_READ_TIMEOUT=30, **env).start()
+                   GATEWAY_UPSTREAM_TIMEOUT=TOTAL, GATEWAY_READ_TIMEOUT=30,
+                   **env).start()
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +207,35 @@ def test_a_reset_after_the_answer_started_cuts_the_connection(gateway):
         assert answer.headers["content-length"] == "300000"
         body = answer.body
         assert 0 < len(body) < 300000 and set(body) == {ord("x")}  # cut, nothing spliced in
+        assert_clean_after(gateway, upstream, answer)
+
+
+# -- issue 12, item 4: one deadline for the whole exchange -----------------------------------
+
+
+def test_a_dribbling_upstream_gets_504_at_the_total_deadline(gateway):
+    """A header byte every half second: each read is quick, but the head never ends."""
+    dribble: list = [b"HTTP/1.1 200 OK\r\nX-Slow: "]
+    for _ in range(120):  # a minute of dribbling
+        dribble += [0.5, b"a"]
+    with ScriptedUpstream(dribble) as upstream:
+        started = time.monotonic()
+        answer = exchange(gateway, upstream, timeout=90)
+        took = time.monotonic() - started
+        assert_json_error(answer, 504)
+        assert took < 30, f"answered after {took:.1f} s"  # well before the dribble would end
+        assert_clean_after(gateway, upstream, answer)
+
+
+def test_a_dribbling_body_read_before_the_answer_gets_504(gateway):
+    dribble: list = [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"]
+    for _ in range(120):
+        dribble += [0.5, b"a"]
+    with ScriptedUpstream(dribble) as upstream:
+        started = time.monotonic()
+        answer = exchange(gateway, upstream, timeout=90)
+        assert_json_error(answer, 504)
+        assert time.monotonic() - started < 30
         assert_clean_after(gateway, upstream, answer)
 
 

@@ -29,6 +29,8 @@ from gateway_app.config import (
     ({"GATEWAY_JWT_SECRET_FILE": "/nonexistent/secret"}, "GATEWAY_JWT_SECRET_FILE"),
     ({"GATEWAY_BIND": "8080"}, "GATEWAY_BIND"),
     ({"GATEWAY_CPU_AFFINITY": "yes"}, "GATEWAY_CPU_AFFINITY"),
+    ({"GATEWAY_UPSTREAM_TIMEOUT": "0"}, "GATEWAY_UPSTREAM_TIMEOUT"),
+    ({"GATEWAY_UPSTREAM_TIMEOUT": "a while"}, "GATEWAY_UPSTREAM_TIMEOUT"),
     ({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8,metadata"}, "GATEWAY_UPSTREAM_DENY"),
     ({"GATEWAY_FAST_PATHS": "turbo"}, "GATEWAY_FAST_PATHS"),
     ({"GATEWAY_FAST_PATHS": "header_lines,warp"}, "GATEWAY_FAST_PATHS"),
@@ -64,6 +66,11 @@ def test_fast_paths():
     assert load_settings({}).fast_paths == {"kernel_timeouts", "header_lines", "header_block"}
     assert load_settings({"GATEWAY_FAST_PATHS": "OFF"}).fast_paths == frozenset()
     assert load_settings({"GATEWAY_FAST_PATHS": "header_lines"}).fast_paths == {"header_lines"}
+
+
+def test_upstream_timeout():
+    assert load_settings({}).upstream_timeout is None  # connect + read timeout of the service
+    assert load_settings({"GATEWAY_UPSTREAM_TIMEOUT": "12.5"}).upstream_timeout == 12.5
 
 
 def test_rate_limit_forms():

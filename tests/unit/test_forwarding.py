@@ -349,3 +349,108 @@ def test_a_name_that_does_not_resolve_is_a_502_safe_to_retry(loopback_only):
     finally:
         forwarder.close()
     assert info.value.kind == "name_unresolved" and info.value.safe_to_retry
+
+
+# -- one deadline per exchange (issue 12, item 4) ---------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_the_exchange_deadline_cuts_a_dribbling_head(fast):
+    from gateway_app.transport import Deadline
+
+    dribble: list = [b"HTTP/1.1 200 OK\r\n"]
+    for _ in range(100):
+        dribble += [0.1, b"X"]  # each byte well within the read timeout
+    with ScriptedUpstream(dribble) as upstream:
+        forwarder = Forwarder(pool_size=1, fast_paths=frozenset(FAST) if fast else frozenset())
+        started = time.monotonic()
+        try:
+            with pytest.raises(GatewayTimeout) as info:
+                forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None, 2, 5,
+                               Deadline(0.5))
+        finally:
+            forwarder.close()
+        assert 0.4 < time.monotonic() - started < 5  # not the ten seconds of dribbling
+        assert info.value.kind == "timeout"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_the_exchange_deadline_cuts_a_dribbling_head_over_tls(tmp_path, fast):
+    """The TLS context makes every https socket a deadline-bound one (``sslsocket_class``);
+    the certificate is checked against the registered name while the connection goes to the
+    address checked."""
+    import ssl
+
+    import trustme
+
+    from gateway_app.addresses import AddressPolicy
+    from gateway_app.transport import Deadline
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("upstream.test").configure_cert(context)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):  # ten seconds of dribbling, each byte well within 5 s
+                if stop.wait(0.1):
+                    return
+                tls.sendall(b"X")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    resolver = StubResolver({"upstream.test": ["127.0.0.1"]})
+    forwarder = Forwarder(pool_size=1, ca_bundle=str(ca_file),
+                          addresses=AddressPolicy(resolve=resolver),
+                          fast_paths=frozenset(FAST) if fast else frozenset())
+    started = time.monotonic()
+    try:
+        with pytest.raises(GatewayTimeout):
+            forwarder.send(Named("upstream.test", server.getsockname()[1], "https"), "GET", "/",
+                           {"Host": "upstream.test"}, None, 2, 5, Deadline(0.7))
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        forwarder.close()
+        server.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_without_a_deadline_the_read_timeout_alone_applies(fast):
+
+    dribble: list = [b"HTTP/1.1 200 OK\r\n", 0.3, b"Content-Length: 2\r\n", 0.3, b"\r\nok"]
+    with ScriptedUpstream(dribble) as upstream:
+        forwarder = Forwarder(pool_size=1, fast_paths=frozenset(FAST) if fast else frozenset())
+        try:
+            response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None,
+                                      2, 1)
+            assert b"".join(stream_body(response)) == b"ok"
+            release(response)
+        finally:
+            forwarder.close()
+
+
+def test_a_streamed_body_after_the_head_is_not_held_to_the_deadline():
+    """Once the head is in, the body streams under the per-read timeout only."""
+    from gateway_app.transport import Deadline
+
+    script: list = [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"]
+    for _ in range(4):
+        script += [0.3, b"x"]
+    with ScriptedUpstream(script) as upstream:
+        forwarder = Forwarder(pool_size=1)
+        try:
+            response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None,
+                                      2, 5, Deadline(0.5))
+            assert b"".join(stream_body(response)) == b"xxxx"  # took 1.2 s, past the deadline
+            release(response)
+        finally:
+            forwarder.close()
