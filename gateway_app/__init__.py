@@ -98,6 +98,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     store = open_store(settings.store)
     registry = Registry(store, settings.refresh_interval, settings.balancing,
                         settings.ejection_seconds)
+    # One transport for the traffic and the health probes alike.
     forwarder = Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle,
                           addresses=AddressPolicy(settings.upstream_deny, settings.bind),
                           fast_paths=settings.fast_paths)
@@ -109,7 +110,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         limiter=(store.make_limiter(settings)
                  or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
         retries=RetryBudget(),
-        checker=ActiveChecker(registry, registry.health, settings.upstream_ca_bundle),
+        checker=ActiveChecker(registry, registry.health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
     )
     state.checker.start()

@@ -6,7 +6,8 @@ HTTPAdapter` over the pooled connections of :mod:`~gateway_app.transport`, with 
 paths of :mod:`~gateway_app.fastpaths` that are switched on and available. The request is
 prepared by hand, not by ``Session.request``: requests would re-quote the URL, merge settings,
 run hooks and read ``trust_env`` on every call. Nothing on the shared objects is mutated per
-request.
+request. Health probes go through the same forwarder, so they meet the same TLS settings and
+address checks as the traffic.
 
 This is the only module that catches the exceptions of requests, urllib3, http.client and the
 upstream socket: :func:`upstream_error` turns each into a
@@ -173,6 +174,8 @@ class UpstreamAborted(Exception):
 #: Headers urllib3 and http.client add of their own when a request has none (their
 #: ``User-Agent``, and ``Accept-Encoding: identity``); a proxy adds neither.
 _NOT_ADDED = ("User-Agent", "Accept-Encoding")
+#: The ``User-Agent`` of health probes.
+PROBE_USER_AGENT = "gateway-health-check"
 #: What the HTTP libraries and the upstream socket raise for a failed exchange.
 TRANSPORT_ERRORS = (requests.RequestException, HTTPError, http.client.HTTPException, OSError)
 
@@ -223,6 +226,18 @@ class Forwarder:
             transport.leave(exchange)
         response.deadline = deadline
         return response
+
+    def probe(self, instance: Any, target: str, timeout: float) -> int:
+        """A health probe: ``GET target`` within ``timeout`` in all, through the same pools,
+        TLS settings and address checks as the traffic; the status, or a GatewayError."""
+        headers = {"Host": instance.origin.partition("://")[2], "User-Agent": PROBE_USER_AGENT}
+        answer = self.send(instance, "GET", target, headers, None, timeout, timeout,
+                           Deadline(timeout))
+        try:
+            read_upto(answer, CHUNK_SIZE)  # a small body is read, so the connection is kept
+        finally:
+            release(answer)
+        return answer.status_code
 
 
 def _raise_for_body(body: BodyReader) -> None:

@@ -9,6 +9,7 @@ upstream is left open in the gateway, and the access log has the request's line.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -244,7 +245,7 @@ def test_a_dribbling_body_read_before_the_answer_gets_504(gateway):
 
 def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gateway):
     """``localhost`` resolves to loopback; with loopback refused by GATEWAY_UPSTREAM_DENY, the
-    registered name is checked at connect time."""
+    registered name is checked at connect time, for requests and health probes alike."""
     gateway = start_gateway(GATEWAY_WORKERS=1,
                             GATEWAY_UPSTREAM_DENY="127.0.0.0/8,::1/128")
     with ScriptedUpstream([b"HTTP/1.1 200 OK\r\n" + OK_TAIL]) as upstream:
@@ -259,5 +260,77 @@ def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gatew
         listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
         assert listing["instances"][0]["in_flight"] == 0
         assert not leaked_sockets(gateway.worker_pids(), upstream.port)
+        policy = {"health_check": {"path": "/health", "interval": 0.5, "timeout": 0.4}}
+        assert requests.put(f"{gateway.url}/_gateway/services/named/policy", json=policy,
+                            timeout=5).status_code in (200, 201)
+
+        def last_check():
+            listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
+            return listing["instances"][0]["last_check"]
+
+        check = wait_for(last_check, timeout=10, what="a health probe")
+        assert check["ok"] is False
         assert upstream.requests == []  # nothing ever reached it
+
+
+# -- issue 11, item 6: health probes go through the same transport ---------------------------
+
+
+def https_upstream(tmp_path):
+    """An https upstream on ``localhost`` with a certificate of a private CA (trustme)."""
+    import ssl
+
+    import trustme
+
+    from tests.support import UpstreamServer
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = UpstreamServer()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, ca_file
+
+
+@pytest.mark.parametrize("trust", ["bundle setting", "system store (SSL_CERT_FILE)"])
+def test_probes_and_traffic_trust_the_same_private_ca(start_gateway, tmp_path, trust):
+    server, ca_file = https_upstream(tmp_path)
+    try:
+        env = ({"GATEWAY_UPSTREAM_CA_BUNDLE": ca_file} if trust == "bundle setting"
+               else {"SSL_CERT_FILE": ca_file})
+        gateway = start_gateway(GATEWAY_WORKERS=1, **env)
+        gateway.register("tls", f"https://localhost:{server.port}")
+        policy = {"health_check": {"path": "/status/200", "interval": 1, "timeout": 0.9}}
+        requests.put(f"{gateway.url}/_gateway/services/tls/policy", json=policy, timeout=5)
+
+        def last_check():
+            listing = requests.get(f"{gateway.url}/_gateway/services/tls", timeout=5).json()
+            return listing["instances"][0]["last_check"]
+
+        check = wait_for(last_check, timeout=10, what="a health probe")
+        assert check["ok"] is True, check
+        assert gateway.fresh_get("/tls/x", {"Authorization": TOKEN}).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_untrusted_https_fails_probes_and_traffic_alike(start_gateway, tmp_path):
+    server, _ = https_upstream(tmp_path)
+    try:
+        gateway = start_gateway(GATEWAY_WORKERS=1)
+        gateway.register("tls", f"https://localhost:{server.port}")
+        policy = {"health_check": {"path": "/status/200", "interval": 1, "timeout": 0.9}}
+        requests.put(f"{gateway.url}/_gateway/services/tls/policy", json=policy, timeout=5)
+        check = wait_for(lambda: requests.get(f"{gateway.url}/_gateway/services/tls",
+                                              timeout=5).json()["instances"][0]["last_check"],
+                         timeout=10, what="a health probe")
+        assert check["ok"] is False
+    finally:
+        server.shutdown()
+        server.server_close()
 

@@ -454,3 +454,16 @@ def test_a_streamed_body_after_the_head_is_not_held_to_the_deadline():
             release(response)
         finally:
             forwarder.close()
+
+
+def test_a_probe_goes_through_the_same_transport():
+
+    with ScriptedUpstream([b"HTTP/1.1 204 No Content\r\n\r\n"]) as upstream:
+        forwarder = Forwarder(pool_size=1)
+        try:
+            assert forwarder.probe(Instance(upstream.port), "/health", 2) == 204
+        finally:
+            forwarder.close()
+    assert upstream.requests[0] == (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                    b"User-Agent: gateway-health-check\r\n\r\n" % upstream.port)
+
