@@ -83,9 +83,11 @@ class RestConverter(BaseConverter):
 
 
 class PassthroughResponse(Response):
-    """A response that adds nothing: no default Content-Type on an upstream that sent none."""
+    """A response that adds nothing: no default Content-Type on an upstream that sent none,
+    no Content-Length of its own (a HEAD answer's body is empty; its length is not 0)."""
 
     default_mimetype = None
+    automatically_set_content_length = False
 
 
 @bp.before_request

@@ -216,6 +216,8 @@ class Recorder(BaseHTTPRequestHandler):
         elif route == "cookie":
             self._send(200, b"cookie", [("Set-Cookie", "session=s3cret; Path=/"),
                                         ("Set-Cookie", "theme=dark; Path=/")])
+        elif route == "json":  # a small JSON object of a fixed length (21 bytes)
+            self._send(200, b'{"greeting": "hello"}', [("Content-Type", "application/json")])
         elif route == "redirect":
             self._send(302, b"see elsewhere", [("Location", "/elsewhere")])
         elif route in ("truncate", "truncate-small"):  # promises more than 10, sends 10
