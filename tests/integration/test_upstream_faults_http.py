@@ -9,6 +9,7 @@ upstream is left open in the gateway, and the access log has the request's line.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -36,12 +37,20 @@ def one_worker_gateway(data_dir, **env) -> Gateway:
     served the request."""
     return Gateway(data_dir, GATEWAY_WORKERS=1, GATEWAY_JWT_SECRET=SECRET,
                    GATEWAY_UPSTREAM_TIMEOUT=TOTAL, GATEWAY_READ_TIMEOUT=30,
-                   **env).start()
+                   GATEWAY_NODE_ID="faults", **env).start()
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     gateway = one_worker_gateway(tmp_path_factory.mktemp("faults"))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def stock_gateway(tmp_path_factory):
+    """The same gateway with every fast path off (GATEWAY_FAST_PATHS=off)."""
+    gateway = one_worker_gateway(tmp_path_factory.mktemp("stock"), GATEWAY_FAST_PATHS="off")
     yield gateway
     gateway.stop()
 
@@ -60,13 +69,14 @@ class Exchange:
     raw: bytes
 
 
-def exchange(gateway: Gateway, upstream: ScriptedUpstream, timeout: float = 30.0) -> Exchange:
+def exchange(gateway: Gateway, upstream: ScriptedUpstream, timeout: float = 30.0,
+             name: str | None = None, extra: str = "") -> Exchange:
     """Register ``upstream`` under a new name and send one GET to it on a connection of its
     own: what came back, byte for byte."""
-    name = f"s{next(_names)}"
+    name = name or f"s{next(_names)}"
     assert gateway.register(name, upstream.address).status_code == 201
     request = (f"GET /{name}/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n"
-               f"Connection: close\r\n\r\n").encode()
+               f"{extra}Connection: close\r\n\r\n").encode()
     raw = send_raw(gateway.port, request, half_close=False, timeout=timeout)
     return Exchange(name, *parse_response(raw), raw)
 
@@ -334,3 +344,32 @@ def test_untrusted_https_fails_probes_and_traffic_alike(start_gateway, tmp_path)
         server.shutdown()
         server.server_close()
 
+
+# -- issue 11, item 7: the fast paths change nothing on the wire ------------------------------
+
+DIFFERENTIAL = [
+    [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+     b"X-Folded: one\r\n two\r\nX-Latin: caf\xe9\r\nConnection: close\r\n" + OK_TAIL],
+    [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\n"
+     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+    [b"HTTP/1.1 200 OK\nA: 1\nConnection: close\nContent-Length: 2\n\nok"],
+    [b"HTTP/1.0 200 OK\r\nServer: old\r\n\r\n" + b"y" * 100000, "close"],
+    [b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"z" * 80000, 1.0, "reset"],
+    [MALFORMED_HEADS["a bare CR inside a value (header injection)"]],
+    [MALFORMED_HEADS["Content-Length with Transfer-Encoding"]],
+]
+
+
+@pytest.mark.parametrize("script", DIFFERENTIAL, ids=lambda s: repr(s[0][:20]))
+def test_the_same_bytes_with_the_fast_paths_on_and_off(gateway, stock_gateway, script):
+    """Both ways, the upstream receives the same request and the client the same answer
+    (but for the Date header, which tells the time)."""
+    answers = []
+    name = f"d{next(_names)}"  # the same on both gateways, and the same upstream
+    with ScriptedUpstream(script) as upstream:
+        for each in (gateway, stock_gateway):
+            answer = exchange(each, upstream, name=name,
+                              extra="X-Request-ID: diff-1\r\nUser-Agent: @@@SKIP_HEADER@@@\r\n")
+            answers.append(re.sub(rb"\r\nDate: [^\r]*", b"", answer.raw))
+    assert upstream.requests[0] == upstream.requests[1]
+    assert answers[0] == answers[1]
