@@ -31,7 +31,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: your network needs refused with ``GATEWAY_UPSTREAM_DENY``.
 REFUSED_RANGES: tuple[tuple[str, str], ...] = (
     ("0.0.0.0/8", "unspecified ('this network'; 0.0.0.0 reaches this host)"),
-    ("169.254.0.0/16", "link-local, where clouds serve instance metadata (169.254.169.254)"),
+    ("169.254.0.0/16", "link-local (where clouds serve instance metadata)"),
     ("100.100.100.200/32", "Alibaba Cloud instance metadata"),
     ("192.0.0.192/32", "Oracle Cloud instance metadata"),
     ("168.63.129.16/32", "Azure platform endpoint (WireServer)"),
