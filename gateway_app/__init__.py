@@ -16,6 +16,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from . import accesslog
+from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
 from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
 from .errors import register_error_handlers
@@ -97,15 +98,19 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     store = open_store(settings.store)
     registry = Registry(store, settings.refresh_interval, settings.balancing,
                         settings.ejection_seconds)
+    # One transport for the traffic and the health probes alike.
+    forwarder = Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle,
+                          addresses=AddressPolicy(settings.upstream_deny, settings.bind),
+                          fast_paths=settings.fast_paths)
     state = GatewayState(
         settings=settings,
         registry=registry,
         verifier=build_verifier(settings),
-        forwarder=Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle),
+        forwarder=forwarder,
         limiter=(store.make_limiter(settings)
                  or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
         retries=RetryBudget(),
-        checker=ActiveChecker(registry, registry.health, settings.upstream_ca_bundle),
+        checker=ActiveChecker(registry, registry.health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
     )
     state.checker.start()

@@ -113,9 +113,11 @@ def _instance_json(record: InstanceRecord) -> dict[str, Any]:
 @bp.post("/register_service")
 def register() -> tuple[Response, int]:
     parsed = _parse_body(_read_body())
+    gw = current_app.extensions["gateway"]
+    deny = gw.settings.upstream_deny
     if isinstance(parsed, dict):
         name = check_name(parsed.get("name"))
-        address = normalise_address(parsed.get("address"))
+        address = normalise_address(parsed.get("address"), deny)
         ttl = check_ttl(parsed.get("ttl"))
         weight = check_weight(parsed.get("weight"))
         metadata = check_metadata(parsed.get("metadata"))
@@ -123,9 +125,8 @@ def register() -> tuple[Response, int]:
         if parsed[1] is None:
             raise BadRequest("the body must be 'name,address'")
         name = check_name(parsed[0])
-        address = normalise_address(parsed[1])
+        address = normalise_address(parsed[1], deny)
         ttl, weight, metadata = None, 1, {}
-    gw = current_app.extensions["gateway"]
     if is_own_address(address, gw.settings.bind):
         raise BadRequest(f"address {address!r} is where this gateway listens: requests to it "
                          "would loop back into the gateway")

@@ -29,6 +29,8 @@ DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
 #: Default client connections one worker holds at most (gunicorn's worker_connections).
 DEFAULT_MAX_CONNECTIONS = 1000
+#: The fast paths into http.client's and urllib3's internals (see gateway_app/fastpaths.py).
+FAST_PATH_NAMES = ("kernel_timeouts", "header_lines", "header_block")
 #: Algorithms the verifier knows; each is either HMAC (a secret) or public-key (a PEM file).
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
@@ -111,6 +113,14 @@ class Settings:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     upstream_ca_bundle: str | None = None
+    #: Seconds one upstream exchange may take in all, retries included, from the first connect
+    #: to the response head (and the body read before answering); ``None``: connect + read
+    #: timeout of the service.
+    upstream_timeout: float | None = None
+    #: Networks no upstream connection goes to, besides addresses.REFUSED_RANGES.
+    upstream_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: The fast paths to use, when the installed libraries have what each relies on.
+    fast_paths: frozenset[str] = frozenset(FAST_PATH_NAMES)
     rate_limit: RateLimit | None = None
     log_format: str = "text"
     #: Load balancing for services whose policy names none.
@@ -191,6 +201,22 @@ def _networks(env: Mapping[str, object], key: str, default: str):
         except ValueError:
             raise ConfigError(f"{key}: {part!r} is not an IP address or network") from None
     return tuple(nets)
+
+
+def _fast_paths(env: Mapping[str, object]) -> frozenset[str]:
+    """``GATEWAY_FAST_PATHS``: ``on`` (all, the default), ``off`` (none: the stock path of
+    every library), or a comma-separated list of the ones to use."""
+    text = (_get(env, "GATEWAY_FAST_PATHS") or "on").lower()
+    if text == "on":
+        return frozenset(FAST_PATH_NAMES)
+    if text == "off":
+        return frozenset()
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(names - set(FAST_PATH_NAMES))
+    if unknown:
+        raise ConfigError(f"GATEWAY_FAST_PATHS: expected on, off or some of "
+                          f"{', '.join(FAST_PATH_NAMES)}; unknown {', '.join(unknown)}")
+    return names
 
 
 def _path(env: Mapping[str, object], key: str) -> Path | None:
@@ -299,6 +325,8 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
+    upstream_timeout = (_float(env, "GATEWAY_UPSTREAM_TIMEOUT", 0.0, 0.01, 3600.0)
+                        if _get(env, "GATEWAY_UPSTREAM_TIMEOUT") else None)
 
     return Settings(
         bind=bind,
@@ -321,6 +349,9 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         read_timeout=_float(env, "GATEWAY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT, 0.01, 3600),
         max_body_bytes=_int(env, "GATEWAY_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, 0, 2**40),
         upstream_ca_bundle=ca_bundle,
+        upstream_timeout=upstream_timeout,
+        upstream_deny=_networks(env, "GATEWAY_UPSTREAM_DENY", ""),
+        fast_paths=_fast_paths(env),
         rate_limit=rate_limit,
         log_format=log_format,
         balancing=balancing,

@@ -23,6 +23,9 @@ class GatewayError(HTTPException):
     #: For upstream failures: nothing of the request reached the upstream (requests'
     #: ``ConnectTimeout`` is "safe to retry" in the same sense).
     safe_to_retry = False
+    #: For upstream failures: what went wrong, in a word ("connect_refused", "timeout",
+    #: "protocol"...), for logs and health checks.
+    kind = ""
 
     def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(description=message or self.description)

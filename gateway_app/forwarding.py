@@ -1,40 +1,44 @@
-"""Forwarding: one pooled ``requests.Session`` per worker, header filtering, streaming.
+"""Forwarding: one transport per worker, header filtering, streaming, and every error of the
+HTTP libraries turned into the gateway's own.
 
-The Session's :class:`~requests.adapters.HTTPAdapter` owns the connection pools (sized to the
-worker's thread count) and sends every request. The request is prepared by hand, not by
-``Session.request``: requests would re-quote the URL (the spec wants the client's path and
-query byte for byte), merge settings, run hooks and read ``trust_env`` on every call. The
-adapter builds a lean response that never parses cookies, and the Session's own cookie policy
-accepts none, so one client's cookies never reach another. Nothing on the shared Session is
-mutated per request.
+The :class:`Forwarder` sends each request through requests' :class:`~requests.adapters.
+HTTPAdapter` over the pooled connections of :mod:`~gateway_app.transport`, with the fast
+paths of :mod:`~gateway_app.fastpaths` that are switched on and available. The request is
+prepared by hand, not by ``Session.request``: requests would re-quote the URL, merge settings,
+run hooks and read ``trust_env`` on every call. Nothing on the shared objects is mutated per
+request. Health probes go through the same forwarder, so they meet the same TLS settings and
+address checks as the traffic.
 
-This is the only module that catches requests' exceptions; it turns them into
-:class:`~gateway_app.errors.GatewayError` subclasses (502 or 504).
+This is the only module that catches the exceptions of requests, urllib3, http.client and the
+upstream socket: :func:`upstream_error` turns each into a
+:class:`~gateway_app.errors.GatewayError` (502 or 504) before the answer starts; after it,
+:func:`stream_body` cuts the connection (:class:`UpstreamAborted`).
 """
 
 from __future__ import annotations
 
-import contextvars
-import datetime
-import email.parser
 import http.client
 import logging
-import re
-import socket
 import ssl
-import struct
-import types
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
 from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.util import SKIP_HEADER
 
+from . import fastpaths, transport
+from .addresses import AddressPolicy
+from .config import FAST_PATH_NAMES
 from .errors import (
     BadGateway,
     BadRequest,
@@ -42,6 +46,14 @@ from .errors import (
     GatewayTimeout,
     PayloadTooLarge,
     RequestTimeout,
+)
+from .transport import (
+    Adapter,
+    Deadline,
+    RefusedAddressError,
+    UpstreamProtocolError,
+    UpstreamRequest,
+    UpstreamResponse,
 )
 
 log = logging.getLogger("gateway.forwarding")
@@ -70,282 +82,6 @@ def dropped_headers(base: frozenset[str], connection: str | None) -> frozenset[s
     return base if tokens <= base else base | tokens
 
 
-class UpstreamRequest(requests.PreparedRequest):
-    """A request prepared by hand; ``target`` is the path and query exactly as sent."""
-
-    def __init__(self, instance: Any, method: str, target: str, headers: dict[str, str],
-                 body: Any) -> None:
-        super().__init__()
-        self.instance = instance
-        self.method = method
-        self.url = instance.origin + target
-        self.target = target
-        self.headers = headers  # type: ignore[assignment]
-        self.body = body
-
-
-#: The request target of the call in progress on this thread, sent exactly as the client
-#: wrote it. urllib3 normalises every target it is given (``%2f`` becomes ``%2F``), so the
-#: pools below put the verbatim one back just before the request line is written.
-_verbatim_target: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "verbatim_target", default=None)
-
-
-#: http.client's bounds on a header block: bytes per line, and lines.
-_MAX_LINE = 65536
-_MAX_HEADERS = 100
-#: A header name as the email parser takes it: printable ASCII but space and colon.
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-
-
-def parse_headers(fp: IO[bytes],
-                  _class: type[http.client.HTTPMessage] = http.client.HTTPMessage
-                  ) -> http.client.HTTPMessage:
-    """:func:`http.client.parse_headers`, without the email package for the usual block.
-
-    http.client reads every response's header block with the email parser, which is made for
-    mail and costs a fifth of the CPU of forwarding a small response. Here, plain
-    ``Name: value`` lines are split directly into the same message; any other block (folded
-    lines, a stray CR, a name the email parser would not take, no blank line at the end) goes
-    to the email parser as before. The result is the same either way.
-    """
-    lines = []
-    while True:
-        line = fp.readline(_MAX_LINE + 1)
-        if len(line) > _MAX_LINE:
-            raise http.client.LineTooLong("header line")
-        lines.append(line)
-        if len(lines) > _MAX_HEADERS:
-            raise http.client.HTTPException(f"got more than {_MAX_HEADERS} headers")
-        if line in (b"\r\n", b"\n", b""):
-            break
-    message = _class()
-    if line:
-        for raw in lines[:-1]:
-            field = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]  # each ends in a newline
-            name, colon, value = field.decode("iso-8859-1").partition(":")
-            if not colon or "\r" in value or not _HEADER_NAME.fullmatch(name):
-                break
-            message.set_raw(name, value.lstrip(" \t"))
-        else:
-            message.set_payload("")
-            return message
-    return email.parser.Parser(_class=_class).parsestr(b"".join(lines).decode("iso-8859-1"))
-
-
-class _UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response, reading its header block with :func:`parse_headers`."""
-
-    # http.client's own begin(), run with http.client's globals but our parse_headers.
-    begin = types.FunctionType(http.client.HTTPResponse.begin.__code__,
-                               {**vars(http.client), "parse_headers": parse_headers})
-
-
-def _timeval(seconds: float | None) -> bytes:
-    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO; zero (the kernel's "forever") for
-    ``None``, and never zero for a (tiny) timeout."""
-    if seconds is None:
-        return struct.pack("@ll", 0, 0)
-    micros = max(1, round(seconds * 1_000_000))
-    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
-
-
-class _KernelTimedSocket(socket.socket):
-    """A blocking socket whose timeouts the kernel enforces (SO_RCVTIMEO, SO_SNDTIMEO).
-
-    A Python socket with a timeout is non-blocking underneath: every ``settimeout`` is an
-    ioctl and every send or receive a ``poll`` first, four system calls per request that
-    each let go of the GIL. Here ``settimeout`` only records the value; a receive or send
-    passes it to the kernel when it differs from the one the kernel already holds for that
-    direction (in practice once per connection: the connect timeout for sending, the read
-    timeout for receiving). A kernel timeout (EAGAIN) is raised as :class:`TimeoutError`,
-    as a Python timeout would be.
-    """
-
-    __slots__ = ("_timeout", "_in_kernel")
-    _timeout: float | None
-    #: The timeout the kernel holds, per option (SO_RCVTIMEO, SO_SNDTIMEO); absent: none set.
-    _in_kernel: dict[int, float | None]
-
-    @classmethod
-    def adopt(cls, sock: socket.socket) -> _KernelTimedSocket:
-        """Take over ``sock``'s file descriptor (and its timeout)."""
-        timeout = sock.gettimeout()
-        timed = cls(sock.family, sock.type, sock.proto, sock.detach())
-        socket.socket.settimeout(timed, None)  # the descriptor itself becomes blocking
-        timed._timeout = timeout
-        timed._in_kernel = {}
-        return timed
-
-    def settimeout(self, value: float | None) -> None:
-        self._timeout = value
-
-    def gettimeout(self) -> float | None:
-        return self._timeout
-
-    def _timed(self, option: int, method: Callable[..., Any], *args: Any) -> Any:
-        """The socket ``method`` with the timeout in force for ``option``'s direction."""
-        if self._in_kernel.get(option) != self._timeout:
-            self.setsockopt(socket.SOL_SOCKET, option, _timeval(self._timeout))
-            self._in_kernel[option] = self._timeout
-        try:
-            return method(self, *args)
-        except BlockingIOError:
-            raise TimeoutError("timed out") from None
-
-    def recv_into(self, *args: Any) -> int:
-        return self._timed(socket.SO_RCVTIMEO, socket.socket.recv_into, *args)
-
-    def recv(self, *args: Any) -> bytes:
-        return self._timed(socket.SO_RCVTIMEO, socket.socket.recv, *args)
-
-    def send(self, *args: Any) -> int:
-        return self._timed(socket.SO_SNDTIMEO, socket.socket.send, *args)
-
-    def sendall(self, *args: Any) -> None:
-        self._timed(socket.SO_SNDTIMEO, socket.socket.sendall, *args)
-
-
-#: http.client's checks on a header line: a legal name, and no bare CR or LF in the value
-#: (which would let a value start a header of its own).
-_LEGAL_HEADER_NAME = re.compile(rb"[^:\s][^:\r\n]*").fullmatch
-_ILLEGAL_HEADER_VALUE = re.compile(rb"\n(?![ \t])|\r(?![ \t\n])").search
-
-
-class _HeaderLines:
-    """``putheader`` for the usual call (one ``str`` value) in one step.
-
-    urllib3's ``putheader`` looks for its ``SKIP_HEADER`` marker among the values, then
-    http.client's checks and encodes each value: 1.3 µs a header, ten headers a request. This
-    does http.client's encoding and checks directly (0.5 µs). Only the marker object itself
-    (see :meth:`Forwarder.send`) and other calls go the usual way: a client's value that
-    happens to equal the marker is sent as it is.
-    """
-
-    def putheader(self, header: str, *values: str) -> None:
-        if len(values) == 1 and type(values[0]) is str and values[0] is not SKIP_HEADER:
-            name = header.encode("ascii")
-            value = values[0].encode("latin-1")
-            if not _LEGAL_HEADER_NAME(name):
-                raise ValueError(f"Invalid header name {name!r}")
-            if _ILLEGAL_HEADER_VALUE(value):
-                raise ValueError(f"Invalid header value {value!r}")
-            self._output(name + b": " + value)  # type: ignore[attr-defined]
-        else:
-            super().putheader(header, *values)  # type: ignore[misc]
-
-
-class _HTTPConnection(_HeaderLines, HTTPConnection):  # type: ignore[misc]
-    response_class = _UpstreamResponse
-
-    def _new_conn(self) -> socket.socket:
-        return _KernelTimedSocket.adopt(super()._new_conn())
-
-
-class _HTTPSConnection(_HeaderLines, HTTPSConnection):  # type: ignore[misc]
-    response_class = _UpstreamResponse
-
-
-class _VerbatimHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-    def _make_request(self, conn: Any, method: str, url: str, *args: Any,
-                      **kwargs: Any) -> Any:
-        return super()._make_request(conn, method, _verbatim_target.get() or url, *args,
-                                     **kwargs)
-
-
-class _VerbatimHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-    def _make_request(self, conn: Any, method: str, url: str, *args: Any,
-                      **kwargs: Any) -> Any:
-        return super()._make_request(conn, method, _verbatim_target.get() or url, *args,
-                                     **kwargs)
-
-
-#: Upper bound on the origins whose pools the adapter remembers (more are simply looked up).
-MAX_REMEMBERED_POOLS = 1024
-
-
-class _Adapter(HTTPAdapter):
-    """Sends :class:`UpstreamRequest` untouched and builds responses without cookie parsing.
-
-    The pool for an instance is found by its origin in one dict lookup, with TLS settings fixed
-    when the pool is made, instead of requests re-parsing the URL and re-applying ``verify``
-    (a ``stat`` of the CA file) on every call.
-    """
-
-    def __init__(self, ssl_context: ssl.SSLContext, **kwargs: Any) -> None:
-        self._ssl_context = ssl_context
-        self._pools: dict[str, Any] = {}
-        super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _VerbatimHTTPPool, "https": _VerbatimHTTPSPool,
-        }
-
-    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
-                                        cert: Any = None) -> Any:
-        instance = request.instance
-        pool = self._pools.get(instance.origin)
-        if pool is None or pool.pool is None:  # new, or evicted and closed by the manager
-            tls = {"ssl_context": self._ssl_context} if instance.scheme == "https" else None
-            pool = self.poolmanager.connection_from_host(instance.host, instance.port,
-                                                         instance.scheme, pool_kwargs=tls)
-            if len(self._pools) >= MAX_REMEMBERED_POOLS:
-                self._pools.clear()
-            self._pools[instance.origin] = pool
-        return pool
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        """Nothing to do per request: the pool's ``ssl_context`` verifies every https upstream."""
-
-    def request_url(self, request: Any, proxies: Any) -> str:
-        return request.target
-
-    def add_headers(self, request: Any, **kwargs: Any) -> None:
-        pass
-
-    def build_response(self, req: Any, resp: Any) -> requests.Response:
-        return UpstreamResponse(req, resp, self)
-
-
-_NO_TIME = datetime.timedelta(0)
-
-
-class UpstreamResponse(requests.Response):
-    """A :class:`requests.Response` for an answer the gateway passes on untouched.
-
-    requests gives every response a cookie jar (with a lock and a policy) that the gateway
-    never reads: ``Set-Cookie`` headers go to the client as they came. The jar is made only
-    if something asks for ``cookies``.
-    """
-
-    def __init__(self, request: Any, raw: Any, adapter: HTTPAdapter) -> None:
-        self._content = False
-        self._content_consumed = False
-        self._next = None
-        self.status_code = raw.status
-        self.headers = raw.headers
-        self.raw = raw
-        self.url = request.url
-        self.encoding = None
-        self.history = []
-        self.reason = raw.reason
-        self.elapsed = _NO_TIME
-        self.request = request
-        self.connection = adapter
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "cookies":
-            self.cookies = requests.cookies.cookiejar_from_dict({})
-            return self.cookies
-        raise AttributeError(name)
-
-
 class ClientBodyError(OSError):
     """The client's body failed while it was being sent up (cut short, malformed chunked
     framing, too slow, too large). An ``OSError``, so the HTTP libraries abandon the upstream
@@ -363,6 +99,9 @@ class BodyReader:
 
     def __init__(self, stream: IO[bytes], limit: int, expected: int | None = None) -> None:
         self._stream = stream
+        #: The upstream exchange's deadline: time spent waiting for the client's body is
+        #: added to it (a slow client is not the upstream's fault).
+        self.deadline: Deadline | None = None
         self._remaining = limit
         #: The declared Content-Length (``None``: chunked).
         self._expected = expected
@@ -385,6 +124,8 @@ class BodyReader:
         return self._read(size)
 
     def _read(self, size: int = CHUNK_SIZE) -> bytes:
+        deadline = self.deadline
+        started = time.monotonic() if deadline is not None else 0.0
         try:
             data = self._stream.read(size if size and size > 0 else CHUNK_SIZE)
         except TimeoutError:
@@ -392,6 +133,9 @@ class BodyReader:
         except Exception as exc:  # whatever the server's input stream raises on a broken read
             raise self._fail(BadRequest(f"the request body could not be read: "
                                         f"{type(exc).__name__}")) from None
+        finally:
+            if deadline is not None:
+                deadline.at += time.monotonic() - started
         if not data and self._expected is not None and self.sent < self._expected:
             raise self._fail(BadRequest(f"the request body ended after {self.sent} of its "
                                         f"{self._expected} bytes"))
@@ -430,20 +174,27 @@ class UpstreamAborted(Exception):
 #: Headers urllib3 and http.client add of their own when a request has none (their
 #: ``User-Agent``, and ``Accept-Encoding: identity``); a proxy adds neither.
 _NOT_ADDED = ("User-Agent", "Accept-Encoding")
+#: The ``User-Agent`` of health probes.
+PROBE_USER_AGENT = "gateway-health-check"
+#: What the HTTP libraries and the upstream socket raise for a failed exchange.
+TRANSPORT_ERRORS = (requests.RequestException, HTTPError, http.client.HTTPException, OSError)
 
 
 class Forwarder:
     """Sends requests to upstream instances over per-process pooled connections."""
 
-    def __init__(self, pool_size: int, ca_bundle: str | None = None) -> None:
+    def __init__(self, pool_size: int, ca_bundle: str | None = None,
+                 addresses: AddressPolicy | None = None,
+                 fast_paths: frozenset[str] = frozenset(FAST_PATH_NAMES)) -> None:
+        #: The fast paths in use: those asked for that the installed libraries allow.
+        self.fast_paths = fastpaths.available(fast_paths)
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        # https upstreams are verified against the configured CA bundle, else the system's
-        # CAs (requests alone would use certifi's), host names included.
-        context = ssl.create_default_context(cafile=ca_bundle)
-        self.adapter = _Adapter(context, pool_connections=256, pool_maxsize=pool_size,
-                                max_retries=0)
+        self.adapter = Adapter(
+            transport.tls_context(ca_bundle),
+            fastpaths.transport_classes(self.fast_paths, addresses or AddressPolicy()),
+            pool_connections=256, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", self.adapter)
         self.session.mount("https://", self.adapter)
 
@@ -451,29 +202,42 @@ class Forwarder:
         self.session.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
-             body: BodyReader | bytes | None, connect_timeout: float,
-             read_timeout: float) -> requests.Response:
-        """Send one request; the response's body is left unread, to be streamed."""
+             body: BodyReader | bytes | None, connect_timeout: float, read_timeout: float,
+             deadline: Deadline | None = None) -> UpstreamResponse:
+        """Send one request; the response's body is left unread, to be streamed. Everything
+        up to the answer's head ends by ``deadline``."""
         for name in _NOT_ADDED:
             # Not sent (or spelt otherwise by a policy: that spelling still goes up, as the
             # marker itself is never written) means the library adds none of its own.
             if name not in headers:
                 headers[name] = SKIP_HEADER
+        if deadline is not None:
+            connect_timeout = min(connect_timeout, max(0.001, deadline.remaining()))
         request = UpstreamRequest(instance, method, target, headers, body)
-        verbatim = _verbatim_target.set(target)
+        exchange = transport.enter(target, deadline)
         try:
-            return self.adapter.send(request, stream=True, proxies={},
-                                     timeout=(connect_timeout, read_timeout))
-        except (requests.RequestException, ClientBodyError) as exc:
+            response: UpstreamResponse = self.adapter.send(  # type: ignore[assignment]
+                request, stream=True, proxies={}, timeout=(connect_timeout, read_timeout))
+        except (*TRANSPORT_ERRORS, ClientBodyError) as exc:
             if isinstance(body, BodyReader):
                 _raise_for_body(body)
-            error: GatewayError = (GatewayTimeout if isinstance(exc, requests.Timeout)
-                                   else BadGateway)(_describe(exc, instance))
-            # Nothing of the request reached the upstream: it may safely go elsewhere.
-            error.safe_to_retry = isinstance(exc, requests.ConnectTimeout) or _refused(exc)
-            raise error from None
+            raise upstream_error(exc, instance) from None
         finally:
-            _verbatim_target.reset(verbatim)
+            transport.leave(exchange)
+        response.deadline = deadline
+        return response
+
+    def probe(self, instance: Any, target: str, timeout: float) -> int:
+        """A health probe: ``GET target`` within ``timeout`` in all, through the same pools,
+        TLS settings and address checks as the traffic; the status, or a GatewayError."""
+        headers = {"Host": instance.origin.partition("://")[2], "User-Agent": PROBE_USER_AGENT}
+        answer = self.send(instance, "GET", target, headers, None, timeout, timeout,
+                           Deadline(timeout))
+        try:
+            read_upto(answer, CHUNK_SIZE)  # a small body is read, so the connection is kept
+        finally:
+            release(answer)
+        return answer.status_code
 
 
 def _raise_for_body(body: BodyReader) -> None:
@@ -481,44 +245,76 @@ def _raise_for_body(body: BodyReader) -> None:
         raise body.client_error
 
 
-def _refused(exc: Exception) -> bool:
-    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
-    return isinstance(reason, NewConnectionError)
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps (requests wraps urllib3's errors, which wrap http.client's
+    and the socket's), outermost first."""
+    found: list[BaseException] = []
+    pending = [exc]
+    while pending and len(found) < 16:
+        current = pending.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            pending.append(reason)
+        pending.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        if current.__cause__ is not None:
+            pending.append(current.__cause__)
+    return found
 
 
-def _describe(exc: Exception, instance: Any) -> str:
-    if isinstance(exc, requests.ConnectTimeout):
-        kind = "did not accept the connection in time"
-    elif isinstance(exc, requests.Timeout):
-        kind = "did not answer in time"
-    elif isinstance(exc, requests.exceptions.SSLError):
-        kind = "failed TLS verification"
-    elif _refused(exc):
-        kind = "refused the connection"
+def upstream_error(exc: BaseException, instance: Any, mid_body: bool = False) -> GatewayError:
+    """The gateway's error for a failed exchange with ``instance``, logged: 504 for a timeout,
+    502 otherwise. ``safe_to_retry`` when nothing of the request can have reached it."""
+    causes = _causes(exc)
+
+    def has(*types: type[BaseException]) -> BaseException | None:
+        return next((cause for cause in causes if isinstance(cause, types)), None)
+
+    safe = False
+    error: type[GatewayError] = BadGateway
+    detail = type(causes[-1]).__name__
+    if refused := has(RefusedAddressError):
+        kind, what, safe = "address_refused", "resolves to a refused address", True
+        detail = str(getattr(refused, "refused", refused))
+    elif has(NameResolutionError):
+        kind, what, safe = "name_unresolved", "has a host name that does not resolve", True
+    elif has(requests.ConnectTimeout) or (has(ConnectTimeoutError)
+                                          and not has(NewConnectionError)):
+        error, kind, what, safe = (GatewayTimeout, "connect_timeout",
+                                   "did not accept the connection in time", True)
+    elif has(NewConnectionError):
+        kind, what, safe = "connect_refused", "refused the connection", True
+    elif has(requests.exceptions.SSLError, Urllib3SSLError, ssl.SSLError,
+             ssl.CertificateError):
+        kind, what = "tls", "failed TLS verification"
+    elif has(requests.Timeout, ReadTimeoutError, TimeoutError):
+        error, kind = GatewayTimeout, "timeout"
+        what = "did not finish its answer in time" if mid_body else "did not answer in time"
+    elif protocol := has(UpstreamProtocolError):
+        kind, what, detail = "protocol", "sent a malformed answer", str(protocol)
+    elif mid_body:
+        kind, what = "aborted", "failed mid-answer"
+    elif has(http.client.RemoteDisconnected, ConnectionError):
+        kind, what = "reset", "closed the connection before answering"
+    elif has(http.client.HTTPException, requests.exceptions.InvalidHeader):
+        kind, what = "protocol", "sent a malformed answer"
     else:
-        kind = "failed before answering"
-    log.warning("upstream %s of service %s %s: %s", instance.origin, instance.service, kind,
-                type(exc).__name__)
-    return f"upstream {instance.service} instance {instance.id} {kind}"
+        kind, what = "failed", "failed before answering"
+    log.warning("upstream %s of service %s %s: %s", instance.origin, instance.service, what,
+                detail)
+    gateway_error = error(f"upstream {instance.service} instance {instance.id} {what}")
+    gateway_error.safe_to_retry = safe
+    gateway_error.kind = kind
+    return gateway_error
 
 
-def stream_body(upstream: requests.Response, description: str) -> Iterator[bytes]:
-    """Yield the upstream's body as it arrives, untouched (no decompression).
-
-    A failure mid-body is logged and raised, so the server cuts the connection and the client
-    sees an incomplete body, never a spliced error text.
-    """
-    try:
-        yield from upstream.raw.stream(CHUNK_SIZE, decode_content=False)
-    except (HTTPError, OSError) as exc:
-        log.warning("upstream %s failed mid-body: %s", description, type(exc).__name__)
-        raise UpstreamAborted(description) from None
-
-
-def read_upto(upstream: requests.Response, limit: int, description: str) -> bytes:
-    """Read at most ``limit`` bytes of the upstream's body, before any header went out: a
-    failure here is still a 502 or 504 for the client."""
+def read_upto(upstream: UpstreamResponse, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of the upstream's body, before any header went out, within
+    the exchange's deadline: a failure here is still a 502 or 504 for the client."""
     chunks, total = [], 0
+    exchange = transport.enter(None, upstream.deadline)
     try:
         while total < limit:
             chunk = upstream.raw.read(min(CHUNK_SIZE, limit - total), decode_content=False)
@@ -526,16 +322,50 @@ def read_upto(upstream: requests.Response, limit: int, description: str) -> byte
                 break
             chunks.append(chunk)
             total += len(chunk)
-    except ReadTimeoutError:
-        log.warning("upstream %s timed out mid-body", description)
-        raise GatewayTimeout(f"upstream {description} did not finish its answer in time") from None
-    except (HTTPError, OSError) as exc:
-        log.warning("upstream %s failed mid-body: %s", description, type(exc).__name__)
-        raise BadGateway(f"upstream {description} failed mid-answer") from None
+    except TRANSPORT_ERRORS as exc:
+        raise upstream_error(exc, upstream.request.instance, mid_body=True) from None
+    finally:
+        transport.leave(exchange)
     return b"".join(chunks)
 
 
-def release(upstream: requests.Response) -> None:
+def open_body(upstream: UpstreamResponse) -> Iterator[bytes]:
+    """The upstream's body as it arrives, untouched (no decompression), its first chunk read
+    already, within the exchange's deadline: a failure there is still a 502 or 504 for the
+    client. A later one cuts the connection (see :func:`stream_body`)."""
+    chunks = upstream.raw.stream(CHUNK_SIZE, decode_content=False)
+    exchange = transport.enter(None, upstream.deadline)
+    try:
+        first = next(chunks, b"")
+    except TRANSPORT_ERRORS as exc:
+        raise upstream_error(exc, upstream.request.instance, mid_body=True) from None
+    finally:
+        transport.leave(exchange)
+    return _relay(first, chunks, upstream)
+
+
+def _relay(first: bytes, chunks: Iterator[bytes], upstream: UpstreamResponse
+           ) -> Iterator[bytes]:
+    if first:
+        yield first
+        yield from stream_body(upstream, chunks)
+
+
+def stream_body(upstream: UpstreamResponse, chunks: Iterator[bytes] | None = None
+                ) -> Iterator[bytes]:
+    """Yield the upstream's body as it arrives (the rest of ``chunks``, when given), once
+    the answer has started. A failure is logged and raised as :class:`UpstreamAborted`, so
+    the server cuts the connection and the client sees an incomplete body, never a spliced
+    error text."""
+    try:
+        yield from (chunks if chunks is not None
+                    else upstream.raw.stream(CHUNK_SIZE, decode_content=False))
+    except TRANSPORT_ERRORS as exc:
+        error = upstream_error(exc, upstream.request.instance, mid_body=True)
+        raise UpstreamAborted(error.description) from None
+
+
+def release(upstream: UpstreamResponse) -> None:
     """Return the connection to the pool, or close it if the body was not read to the end."""
     raw = upstream.raw
     if not raw.isclosed():

@@ -14,18 +14,17 @@ Nothing downstream looks at ``PATH_INFO``, ``SCRIPT_NAME`` or a forwarded header
 from __future__ import annotations
 
 import html
-import ipaddress
 import itertools
 import json
 import os
 import random
 import re
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .addresses import AddressPolicy, ip_addresses
 from .clients import Network, client_address, in_networks
 from .errors import BadRequest, GatewayError, LoopDetected, UnsupportedTransferCoding
 from .validation import has_dot_segment
@@ -294,28 +293,6 @@ def via_header(view: RequestView, pseudonym: str) -> str:
 # -- the gateway's own address -------------------------------------------------------------
 
 
-def _addresses(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The IP addresses ``host`` stands for (empty when it does not resolve)."""
-    try:
-        return {ipaddress.ip_address(host.strip("[]"))}
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return set()
-    found = set()
-    for info in infos:
-        try:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        except ValueError:
-            continue
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        found.add(ip)
-    return found
-
-
 def is_own_address(address: str, bind: str) -> bool:
     """True when the (normalised) upstream ``address`` is where this gateway listens
     (``bind``, ``HOST:PORT``): a request sent there would come back to the gateway."""
@@ -323,16 +300,10 @@ def is_own_address(address: str, bind: str) -> bool:
         return False
     parts = urlsplit(address)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    bind_host, _, bind_port = bind.rpartition(":")
-    if not bind_port.isdigit() or int(bind_port) != port or not parts.hostname:
+    if not parts.hostname or bind.rpartition(":")[2] != str(port):
         return False
-    targets = _addresses(parts.hostname)
-    listening = _addresses(bind_host or "0.0.0.0")  # noqa: S104 (a comparison, not a bind)
-    if any(ip.is_unspecified for ip in listening):
-        # Listening everywhere: every address of this machine is the gateway's.
-        local = _addresses(socket.gethostname())
-        return any(ip.is_loopback or ip.is_unspecified or ip in local for ip in targets)
-    return bool(targets & listening)
+    own = AddressPolicy(bind=bind)  # the check every connection makes, too
+    return any(own.is_own(ip, port) for ip in ip_addresses(parts.hostname))
 
 
 # -- what the server refuses before the app sees it ---------------------------------------

@@ -5,9 +5,10 @@ Passive (Envoy's outlier detection): an instance that fails :data:`EJECT_AFTER` 
 up to 300 s, then tried again; a success resets it.
 
 Active (Kong's and Caddy's health checks): when a service's policy has a ``health_check``, one
-thread per process probes its instances, a few at a time. An instance of such a service takes
-traffic only after its first pass, and unhealthy instances keep being probed, so they always
-recover.
+thread per process probes its instances, a few at a time, through the forwarder that carries
+the traffic (the same pools, TLS settings and address checks: an instance is probed as it is
+reached). An instance of such a service takes traffic only after its first pass, and unhealthy
+instances keep being probed, so they always recover.
 
 The state lives in :class:`HealthTracker`, keyed by service and instance id, so it survives the
 registry snapshots being replaced. Each worker process keeps its own view.
@@ -21,11 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import requests
-
 from .clock import rfc3339
+from .errors import GatewayError
 
 if TYPE_CHECKING:
+    from .forwarding import Forwarder
     from .registry import Registry
 
 log = logging.getLogger("gateway.health")
@@ -146,7 +147,7 @@ class HealthTracker:
 class ActiveChecker:
     """One thread per process that probes instances of services with a ``health_check``."""
 
-    def __init__(self, registry: Registry, tracker: HealthTracker, ca_bundle: str | None = None,
+    def __init__(self, registry: Registry, tracker: HealthTracker, forwarder: Forwarder,
                  tick: float = 0.2) -> None:
         self._registry = registry
         self._tracker = tracker
@@ -154,9 +155,7 @@ class ActiveChecker:
         self._stop = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
-        self._session = requests.Session()
-        self._session.trust_env = False
-        self._verify: str | bool = ca_bundle or True
+        self._forwarder = forwarder
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(PROBE_CONCURRENCY, thread_name_prefix="health-probe")
@@ -170,7 +169,6 @@ class ActiveChecker:
             self._thread.join(5)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        self._session.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._tick):
@@ -192,18 +190,14 @@ class ActiveChecker:
                         return
 
     def _probe(self, instance: Any, health: InstanceHealth, check: dict[str, Any]) -> None:
-        url = instance.origin + instance.base_path + check["path"]
         started = time.time()
         detail: dict[str, Any] = {"time": rfc3339(started)}
         try:
-            response = self._session.get(url, timeout=check["timeout"], verify=self._verify,
-                                         allow_redirects=False, stream=True)
-            response.close()
-            ok = 200 <= response.status_code < 400
-            detail["status"] = response.status_code
-        except requests.RequestException as exc:
+            status = self._forwarder.probe(instance, instance.base_path + check["path"],
+                                           check["timeout"])
+            ok = 200 <= status < 400
+            detail["status"] = status
+        except GatewayError as exc:
             ok = False
-            detail["error"] = type(exc).__name__
+            detail["error"] = exc.kind or exc.error
         self._tracker.probed(health, ok, detail, check, time.time())
-
-

@@ -39,9 +39,9 @@ from .forwarding import (
     HOP_BY_HOP,
     BodyReader,
     dropped_headers,
+    open_body,
     read_upto,
     release,
-    stream_body,
 )
 from .front import RequestView, traceparent, via_header
 from .health import FAILURE_STATUSES
@@ -49,6 +49,7 @@ from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision, refused_credential_key
 from .registry import Instance, Service
 from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
+from .transport import Deadline
 from .validation import NAME_RE, RESERVED_NAMES
 
 #: The methods forwarded; anything else gets 405 from routing.
@@ -82,9 +83,11 @@ class RestConverter(BaseConverter):
 
 
 class PassthroughResponse(Response):
-    """A response that adds nothing: no default Content-Type on an upstream that sent none."""
+    """A response that adds nothing: no default Content-Type on an upstream that sent none,
+    no Content-Length of its own (a HEAD answer's body is empty; its length is not 0)."""
 
     default_mimetype = None
+    automatically_set_content_length = False
 
 
 @bp.before_request
@@ -168,53 +171,61 @@ def _limit(gw: Any, view: RequestView) -> None:
 
 def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> Response:
     """The client's response: the upstream's status, headers and body, with the policy's
-    transformations; the upstream connection is released when the body is done."""
+    transformations; the upstream connection is released when the body is done.
+
+    Whatever is read before answering (a small body whole, a JSON body to transform, the first
+    chunk of any other) is read here, within the exchange's deadline, so that a failure is
+    still a JSON 502 or 504; after the answer starts, a failure cuts the connection. Whatever
+    goes wrong before the response is handed over, the instance's count and the connection are
+    released."""
     health = gw.registry.health
     policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
         health.failed(instance.health, time.time(), f"status {upstream.status_code}")
     else:
         health.succeeded(instance.health, time.time())
+    released = False
 
     def finished() -> None:
-        health.finished(instance.health)
-        release(upstream)
+        nonlocal released
+        if not released:
+            released = True
+            health.finished(instance.health)
+            release(upstream)
 
-    response_headers = _response_headers(upstream.headers)
-    description = f"{instance.origin} ({instance.service})"
-    body_iter: Any = None
-    if policy.transforms_response:
-        response_headers = transforms.response_headers(response_headers, policy)
-        if policy.json_add:
-            try:
+    try:
+        response_headers = _response_headers(upstream.headers)
+        body_iter: Any = None
+        if policy.transforms_response:
+            response_headers = transforms.response_headers(response_headers, policy)
+            if policy.json_add:
                 body_iter = transforms.json_body(upstream, response_headers, policy,
-                                                 view.method, description)
-            except GatewayError:  # the upstream failed mid-body, before any header went out
+                                                 view.method)
+        if body_iter is None:
+            remaining = upstream.raw.length_remaining  # by Content-Length; None when unknown
+            if remaining is not None and remaining <= SMALL_BODY_BYTES:
+                # A small body of known length is read whole before answering (nginx's proxy
+                # buffering does the same): the upstream connection is back in the pool before
+                # the client is written to, and a body cut short is still a 502, not a cut
+                # connection.
+                data = read_upto(upstream, remaining)
                 finished()
-                raise
-    if body_iter is None:
-        remaining = upstream.raw.length_remaining  # by Content-Length; None when unknown
-        if remaining is not None and remaining <= SMALL_BODY_BYTES:
-            # A small body of known length is read whole before answering (nginx's proxy
-            # buffering does the same): the upstream connection is back in the pool before
-            # the client is written to, and a body cut short is still a 502, not a cut
-            # connection.
-            try:
-                data = read_upto(upstream, remaining, description)
-            finally:
-                finished()
-            # (Not passed through: werkzeug then runs the response's close callbacks.)
-            return PassthroughResponse([data], status=upstream.status_code,
-                                       headers=response_headers)
-        body_iter = stream_body(upstream, description)
-    # With direct_passthrough, werkzeug hands this iterable to the server as it is: its close()
-    # (called by the server when done, or when the client went away) must release the upstream.
-    return PassthroughResponse(
-        ClosingIterator(body_iter, finished),
-        status=upstream.status_code,
-        headers=response_headers,
-        direct_passthrough=True,
-    )
+                # (Not passed through: werkzeug then runs the response's close callbacks.)
+                return PassthroughResponse([data], status=upstream.status_code,
+                                           headers=response_headers)
+            body_iter = open_body(upstream)
+        # With direct_passthrough, werkzeug hands this iterable to the server as it is: its
+        # close() (called by the server when done, or when the client went away) must release
+        # the upstream.
+        return PassthroughResponse(
+            ClosingIterator(body_iter, finished),
+            status=upstream.status_code,
+            headers=response_headers,
+            direct_passthrough=True,
+        )
+    except BaseException:
+        finished()
+        raise
 
 
 def _send_with_retries(gw: Any, view: RequestView, service: Service,
@@ -237,7 +248,11 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             body, length = whole, str(len(whole))
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
-    deadline = time.monotonic() + connect_timeout + read_timeout
+    # One deadline for the whole exchange, retries included (time spent waiting for the
+    # client's body excepted); each connect, send and read ends by it.
+    deadline = Deadline(settings.upstream_timeout or connect_timeout + read_timeout)
+    if isinstance(body, BodyReader):
+        body.deadline = deadline
     target = view.upstream_path()
     health = gw.registry.health
     tried: set[str] = set()
@@ -261,7 +276,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         try:
             upstream = gw.forwarder.send(
                 instance, method, (instance.base_path + target or "/") + view.query, headers,
-                body, connect_timeout, max(0.01, min(read_timeout, deadline - time.monotonic())),
+                body, connect_timeout, read_timeout, deadline,
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
@@ -269,7 +284,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
             replayable = idempotent and not isinstance(body, BodyReader)
             if (len(tried) < MAX_RETRIES and (unsent or replayable)
-                    and deadline - time.monotonic() > 0.05 and gw.retries.try_retry()):
+                    and deadline.remaining() > 0.05 and gw.retries.try_retry()):
                 log.info("retrying %s %s on another instance after: %s", method,
                          service.name, exc.description)
                 tried.add(instance.id)

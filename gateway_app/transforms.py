@@ -44,12 +44,16 @@ def _is_json(content_type: str | None) -> bool:
                                           mime.endswith("+json"))
 
 
-def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy, method: str,
-              description: str) -> Iterable[bytes] | None:
+def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy,
+              method: str) -> Iterable[bytes] | None:
     """The body with the policy's fields added, when it is a small JSON object; else ``None``
-    (the caller streams the upstream's body untouched). ``headers`` is updated in place."""
+    (the caller streams the upstream's body untouched). ``headers`` is updated in place.
+
+    A HEAD answer that GET would transform loses its Content-Length: the upstream's is the
+    untransformed length, and the transformed one is not known without the body (RFC 9110
+    section 8.6 lets a HEAD answer leave it out, never state another length)."""
     status = upstream.status_code
-    if method == "HEAD" or status < 200 or status in (204, 304):
+    if status < 200 or status in (204, 304):
         return None
     lowered = {k.lower(): v for k, v in headers}
     if not _is_json(lowered.get("content-type")):
@@ -60,9 +64,12 @@ def json_body(upstream: Any, headers: list[tuple[str, str]], policy: Policy, met
     if declared is not None and (not declared.isdigit()
                                  or int(declared) > MAX_JSON_TRANSFORM_BYTES):
         return None
-    data = read_upto(upstream, MAX_JSON_TRANSFORM_BYTES + 1, description)
+    if method == "HEAD":
+        headers[:] = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        return None
+    data = read_upto(upstream, MAX_JSON_TRANSFORM_BYTES + 1)
     if len(data) > MAX_JSON_TRANSFORM_BYTES:  # chunked and larger than the bound: stream on
-        return _chain(data, stream_body(upstream, description))
+        return _chain(data, stream_body(upstream))
     try:
         doc = json.loads(data)
         if isinstance(doc, dict):

@@ -12,9 +12,11 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
+from .addresses import Network, refused_range
 from .errors import BadRequest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -71,7 +73,7 @@ def has_dot_segment(path: str) -> bool:
                for segment in _SEGMENT_SEPARATORS.split(decoded))
 
 
-def _check_host(host: str) -> str:
+def _check_host(host: str, deny: Iterable[Network] = ()) -> str:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -86,21 +88,20 @@ def _check_host(host: str) -> str:
         if host.rstrip(".") in _METADATA_HOSTS:
             raise BadRequest(f"address host {host!r} is a cloud metadata endpoint")
         return host.rstrip(".")
+    why = refused_range(ip, deny)  # the same list every connection is checked against
+    if why is not None:
+        raise BadRequest(f"address host {host!r} is refused: {why}")
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_link_local:
-        raise BadRequest("link-local addresses (169.254.0.0/16, fe80::/10) are refused")
-    if ip.is_unspecified:
-        raise BadRequest("unspecified addresses (0.0.0.0, ::) are refused")
-    if ip.is_multicast:
-        raise BadRequest("multicast addresses are refused")
     return f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
 
 
-def normalise_address(address: object) -> str:
+def normalise_address(address: object, deny: Iterable[Network] = ()) -> str:
     """Validate an upstream address and return its normal form.
 
-    ``HTTP://Example.COM:80/api/`` becomes ``http://example.com/api``.
+    ``HTTP://Example.COM:80/api/`` becomes ``http://example.com/api``. An IP literal in a
+    refused range (:mod:`~gateway_app.addresses`, plus ``deny``) is refused; a host name is
+    checked when the gateway connects to it.
     """
     if not isinstance(address, str) or not address or len(address) > 2048:
         raise BadRequest("address must be an http or https URL")
@@ -122,7 +123,7 @@ def normalise_address(address: object) -> str:
         raise BadRequest("address port must be between 1 and 65535")
     if parts.netloc.endswith(":"):
         raise BadRequest("address has an empty port")
-    host = _check_host(parts.hostname.lower())
+    host = _check_host(parts.hostname.lower(), deny)
     path = parts.path.rstrip("/")
     if has_dot_segment(path):
         raise BadRequest("address path must not contain '.' or '..' segments")

@@ -216,6 +216,8 @@ class Recorder(BaseHTTPRequestHandler):
         elif route == "cookie":
             self._send(200, b"cookie", [("Set-Cookie", "session=s3cret; Path=/"),
                                         ("Set-Cookie", "theme=dark; Path=/")])
+        elif route == "json":  # a small JSON object of a fixed length (21 bytes)
+            self._send(200, b'{"greeting": "hello"}', [("Content-Type", "application/json")])
         elif route == "redirect":
             self._send(302, b"see elsewhere", [("Location", "/elsewhere")])
         elif route in ("truncate", "truncate-small"):  # promises more than 10, sends 10
@@ -284,6 +286,154 @@ class RawServer:
 
     def __exit__(self, *exc) -> None:
         self.sock.close()
+
+
+class ScriptedUpstream:
+    """A loopback upstream that answers every connection from a script of exact bytes.
+
+    For each connection it reads one request head (and a ``Content-Length`` body), then plays
+    ``script``: ``bytes`` are sent as they are, a number is a pause of that many seconds,
+    ``"reset"`` ends the connection with an RST, ``"close"`` with a FIN. When the script ends
+    without either, the connection is held until the peer closes it. ``requests`` keeps what
+    came in; ``open_connections`` counts the connections the peer (the gateway) has not closed.
+    """
+
+    def __init__(self, script: list[bytes | float | str]) -> None:
+        self.script = script
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.address = f"http://127.0.0.1:{self.port}"
+        self.requests: list[bytes] = []
+        self._open: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _read_request(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length, chunked = 0, False
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        while (len(body) < length or chunked and not (
+                body.startswith(b"0\r\n\r\n") or b"\r\n0\r\n\r\n" in body)):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    def _serve(self, conn: socket.socket) -> None:
+        key = conn.fileno()
+        with self._lock:
+            self._open.add(key)
+        try:
+            conn.settimeout(60)
+            self.requests.append(self._read_request(conn))
+            for step in self.script:
+                if isinstance(step, bytes):
+                    conn.sendall(step)
+                elif step == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                elif step == "close":
+                    return
+                elif self._stop.wait(float(step)):
+                    return
+            while conn.recv(65536):  # held: wait for the gateway to close its end
+                pass
+        except OSError:  # the gateway closed or reset its end first
+            pass
+        finally:
+            with self._lock:
+                self._open.discard(key)
+            conn.close()
+
+    def __enter__(self) -> ScriptedUpstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK",
+               "0A": "LISTEN", "0B": "CLOSING"}
+
+
+#: Where each table of /proc/PID/net keeps a socket's inode.
+_INODE_COLUMNS = {"tcp": 9, "tcp6": 9, "udp": 9, "udp6": 9, "raw": 9, "raw6": 9, "unix": 6,
+                  "netlink": 9, "packet": 8}
+
+
+def leaked_sockets(pids: list[int], port: int) -> list[str]:
+    """Sockets the processes ``pids`` still hold towards ``port`` (in any state), and sockets
+    they hold that the kernel has already closed (what is left of a connection reset under a
+    leaked socket object): what a gateway must not keep after an upstream exchange is over."""
+    found = []
+    for pid in pids:
+        inodes = _socket_inodes(pid)
+        listed = set()
+        for table, column in _INODE_COLUMNS.items():
+            try:
+                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) <= column:
+                    continue
+                inode = fields[column]
+                listed.add(inode)
+                if table.startswith("tcp") and inode in inodes \
+                        and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                    found.append(f"pid {pid}: {_TCP_STATES.get(fields[3], fields[3])} "
+                                 f"to port {port}")
+        found.extend(f"pid {pid}: closed socket still held (inode {inode})"
+                     for inode in inodes - listed)
+    return found
 
 
 class RawResponse:

@@ -48,7 +48,8 @@ def test_cli_token_register_services_deregister(gateway, upstream):
 def test_cli_shows_gateway_errors_plainly(gateway):
     bad = gateway_cmd("register", "svc", "http://169.254.169.254", "--url", gateway.url)
     assert bad.returncode == 1
-    assert bad.stderr.startswith("gateway: 400 bad_request: link-local")
+    assert bad.stderr.startswith("gateway: 400 bad_request: ")
+    assert "169.254.169.254 is link-local" in bad.stderr
     unreachable = gateway_cmd("services", "--url", f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1
     assert "cannot reach the gateway" in unreachable.stderr

@@ -78,6 +78,21 @@ def test_seed_transformations_end_to_end(gateway, upstream, auth):
     assert len(big.content) == 3000000 and big.headers["X-Custom-Header"] == "My API Gateway"
 
 
+def test_head_on_a_transformed_route_never_sends_the_untransformed_length(start_gateway,
+                                                                         upstream, auth):
+    """A HEAD answer may leave Content-Length out, but must not state a length other than the
+    GET answer's (RFC 9110 section 8.6): the upstream's 21 is not the 36+ that GET sends."""
+    gateway = start_gateway(GATEWAY_WORKERS=1)
+    gateway.register("hello", upstream.address)
+    assert put_policy(gateway, "hello", SEED_POLICY).status_code == 201
+    got = gateway.fresh_get("/hello/json", auth)
+    assert got.json() == {"greeting": "hello", "custom": "This is a custom message"}
+    head = requests.head(gateway.url + "/hello/json", headers=auth, timeout=5)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers.get("Content-Length") in (None, got.headers["Content-Length"])
+    assert head.headers["X-Custom-Header"] == "My API Gateway"
+
+
 def test_access_log_lines_text_and_json(start_gateway, upstream, tmp_path):
     token = make_token(sub="alice")
     for log_format in ("text", "json"):

@@ -33,6 +33,11 @@ from gateway_app.config import (
     ({"GATEWAY_CLIENT_BODY_TIMEOUT": "forever"}, "GATEWAY_CLIENT_BODY_TIMEOUT"),
     ({"GATEWAY_MAX_CONNECTIONS": "many"}, "GATEWAY_MAX_CONNECTIONS"),
     ({"GATEWAY_MAX_CONNECTIONS": "16"}, "GATEWAY_MAX_CONNECTIONS"),  # not more than the threads
+    ({"GATEWAY_UPSTREAM_TIMEOUT": "0"}, "GATEWAY_UPSTREAM_TIMEOUT"),
+    ({"GATEWAY_UPSTREAM_TIMEOUT": "a while"}, "GATEWAY_UPSTREAM_TIMEOUT"),
+    ({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8,metadata"}, "GATEWAY_UPSTREAM_DENY"),
+    ({"GATEWAY_FAST_PATHS": "turbo"}, "GATEWAY_FAST_PATHS"),
+    ({"GATEWAY_FAST_PATHS": "header_lines,warp"}, "GATEWAY_FAST_PATHS"),
 ])
 def test_bad_values_name_their_variable(env, variable):
     with pytest.raises(ConfigError, match=variable):
@@ -55,6 +60,23 @@ def test_defaults():
     assert settings.rate_limit is None
     assert (settings.client_header_timeout, settings.client_body_timeout) == (60.0, 60.0)
     assert settings.max_connections == 1000
+
+
+def test_upstream_deny():
+    assert load_settings({}).upstream_deny == ()
+    settings = load_settings({"GATEWAY_UPSTREAM_DENY": "10.0.0.0/8, fd12::/16"})
+    assert [str(n) for n in settings.upstream_deny] == ["10.0.0.0/8", "fd12::/16"]
+
+
+def test_fast_paths():
+    assert load_settings({}).fast_paths == {"kernel_timeouts", "header_lines", "header_block"}
+    assert load_settings({"GATEWAY_FAST_PATHS": "OFF"}).fast_paths == frozenset()
+    assert load_settings({"GATEWAY_FAST_PATHS": "header_lines"}).fast_paths == {"header_lines"}
+
+
+def test_upstream_timeout():
+    assert load_settings({}).upstream_timeout is None  # connect + read timeout of the service
+    assert load_settings({"GATEWAY_UPSTREAM_TIMEOUT": "12.5"}).upstream_timeout == 12.5
 
 
 def test_rate_limit_forms():

@@ -1,138 +1,18 @@
-"""Talking to upstreams: the header lines sent, the header parser, and real sockets through the
-Forwarder."""
+"""Talking to upstreams through the Forwarder, over real loopback sockets: timeouts and the
+exchange's deadline, connect-time address checks (names resolved by a stub, never by DNS),
+and the translation of every transport error into the gateway's own."""
 
 from __future__ import annotations
 
-import http.client
-import io
-import random
 import socket
 import threading
 import time
 
 import pytest
-from urllib3.util import SKIP_HEADER
 
 from gateway_app.errors import BadGateway, GatewayTimeout
-from gateway_app.forwarding import (
-    Forwarder,
-    UpstreamAborted,
-    _HTTPConnection,
-    _HTTPSConnection,
-    parse_headers,
-    release,
-    stream_body,
-)
-
-BLOCKS = [
-    b"Server: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n",
-    b"X-A:  spaced value  \r\nX-Empty:\r\nX-Tab:\tv\r\nX-Colons: a:b:c\r\n\r\n",
-    b"A: 1\nB: 2\n\n",  # bare LF
-    b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n",  # repeated names keep their order
-    b"A: caf\xc3\xa9\r\n\r\n",  # bytes above ASCII, taken as latin-1
-    b"\r\n",
-    b"A: 1\r\n folded\r\n\r\n",  # obsolete line folding
-    b"A: 1\r\nBad Name: x\r\nC: 3\r\n\r\n",  # not a header name: the rest is a body (a defect)
-    b"A: 1\r\nB: x\ry\r\n\r\n",  # a stray CR splits the line, for the email parser
-    b"A: 1 \r\r\nB: 2\r\n\r\n",  # ... and one before CRLF ends the block
-    b"A: 1\r\n",  # no blank line before the end
-    b"",
-    b":x\r\n\r\n",
-    b"NoColon\r\n\r\n",
-    b"From nobody\r\nA: 1\r\n\r\n",
-]
-
-
-def summary(message: http.client.HTTPMessage) -> tuple:
-    return (message.items(), [type(d) for d in message.defects], message.get_payload(),
-            message.get_unixfrom())
-
-
-@pytest.mark.parametrize("block", BLOCKS)
-def test_header_blocks_parse_as_http_client_parses_them(block):
-    assert summary(parse_headers(io.BytesIO(block))) == \
-        summary(http.client.parse_headers(io.BytesIO(block)))
-
-
-def test_random_header_blocks_parse_as_http_client_parses_them():
-    pieces = [b"A", b"x-y", b":", b": ", b" ", b"\t", b"\r", b"\n", b"\r\n", b"v", b"\xe9",
-              b"From ", b"\x00", b"@", b"1"]
-    rng = random.Random(20261128)
-    for _ in range(3000):
-        block = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 24))) + b"\r\n\r\n"
-        assert summary(parse_headers(io.BytesIO(block))) == \
-            summary(http.client.parse_headers(io.BytesIO(block))), block
-
-
-def test_header_block_bounds_are_http_clients():
-    with pytest.raises(http.client.LineTooLong):
-        parse_headers(io.BytesIO(b"A: " + b"x" * 70000 + b"\r\n\r\n"))
-    with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
-        parse_headers(io.BytesIO(b"A: 1\r\n" * 101 + b"\r\n"))
-
-
-HEADER_CALLS = [
-    ("X-Forwarded-For", ("127.0.0.1",)),
-    ("Authorization", ("Bearer a.b.c",)),
-    ("X-Empty", ("",)),
-    ("X-Latin", ("café",)),
-    ("X-Folded", ("a\r\n b",)),  # a folded value passes http.client's check too
-    ("X-Skip", ("@@@SKIP_HEADER@@@",)),  # urllib3's marker, from a client: sent as it is
-    ("X-Number", (42,)),  # not one str: the usual way
-    ("X-Two", ("a", "b")),
-]
-BAD_HEADER_CALLS = [
-    ("X-Injected", ("a\r\nX-Evil: 1",)),
-    ("X-Bare-LF", ("a\nb",)),
-    ("X-CR", ("a\rb",)),
-    (" Leading-Space", ("v",)),
-    ("Bad:Name", ("v",)),
-    ("", ("v",)),
-]
-
-
-def header_lines(connection, calls):
-    connection.putrequest("GET", "/", skip_host=True, skip_accept_encoding=True)
-    for name, values in calls:
-        connection.putheader(name, *values)
-    return connection._buffer
-
-
-@pytest.mark.parametrize("connection_class", [_HTTPConnection, _HTTPSConnection])
-def test_upstream_header_lines_are_http_clients(connection_class):
-    ours = header_lines(connection_class("127.0.0.1", 1), HEADER_CALLS)
-    assert ours == header_lines(http.client.HTTPConnection("127.0.0.1", 1), HEADER_CALLS)
-    assert b"X-Skip: @@@SKIP_HEADER@@@" in ours
-
-
-def test_only_urllib3s_own_marker_skips_a_header():
-    lines = header_lines(_HTTPConnection("127.0.0.1", 1), [
-        ("User-Agent", (SKIP_HEADER,)), ("Accept-Encoding", (SKIP_HEADER,)),
-        ("X-Client", ("".join(SKIP_HEADER),)),  # equal, but a client's string
-    ])
-    assert not any(line.startswith((b"User-Agent", b"Accept-Encoding")) for line in lines)
-    assert b"X-Client: " + SKIP_HEADER.encode() in lines
-
-
-def test_a_header_spelt_otherwise_goes_up_once_and_the_library_adds_none():
-    """What Forwarder.send hands urllib3 when a policy added ``user-agent`` in lower case: the
-    policy's line goes up, the marker skips nothing else, urllib3 adds no User-Agent."""
-    connection = _HTTPConnection("127.0.0.1", 1)
-    connection.sock, peer = socket.socketpair()
-    with peer:
-        connection.request("GET", "/", headers={
-            "Host": "up", "user-agent": "policy/1", "User-Agent": SKIP_HEADER,
-            "Accept-Encoding": SKIP_HEADER})
-        connection.sock.close()
-        assert peer.recv(4096) == b"GET / HTTP/1.1\r\nHost: up\r\nuser-agent: policy/1\r\n\r\n"
-
-
-@pytest.mark.parametrize("call", BAD_HEADER_CALLS)
-def test_upstream_header_lines_refuse_what_http_client_refuses(call):
-    with pytest.raises(ValueError):
-        header_lines(http.client.HTTPConnection("127.0.0.1", 1), [call])
-    with pytest.raises(ValueError, match="Invalid header"):
-        header_lines(_HTTPConnection("127.0.0.1", 1), [call])
+from gateway_app.forwarding import Forwarder, UpstreamAborted, release, stream_body
+from tests.support import ScriptedUpstream
 
 
 class Instance:
@@ -141,6 +21,10 @@ class Instance:
     def __init__(self, port: int) -> None:
         self.port = port
         self.origin = f"http://127.0.0.1:{port}"
+
+
+#: Every fast path (the tests marked "fast" run with them, "stock" without).
+FAST = ("kernel_timeouts", "header_lines", "header_block")
 
 
 def test_forwarder_reads_real_responses_with_plain_and_folded_headers():
@@ -167,13 +51,13 @@ def test_forwarder_reads_real_responses_with_plain_and_folded_headers():
         first = forwarder.send(instance, "GET", "/a%2fb?q=1", {"Host": "x"}, None, 2, 5)
         assert first.status_code == 200
         assert first.headers["X-Plain"] == "yes"
-        assert b"".join(stream_body(first, "svc")) == b"hello"
+        assert b"".join(stream_body(first)) == b"hello"
         release(first)
 
         second = forwarder.send(instance, "GET", "/", {"Host": "x"}, None, 2, 5)
         assert second.status_code == 201
         assert second.headers["X-Folded"] == "one two"  # unfolded, as urllib3 always did
-        assert b"".join(stream_body(second, "svc")) == b"ok"
+        assert b"".join(stream_body(second)) == b"ok"
         release(second)
     finally:
         forwarder.close()
@@ -182,7 +66,7 @@ def test_forwarder_reads_real_responses_with_plain_and_folded_headers():
     assert requests_seen[0].startswith(b"GET /a%2fb?q=1 HTTP/1.1\r\n")
 
 
-class ScriptedUpstream:
+class ScriptedConnection:
     """A loopback server taking one connection and following a script: per request, after
     reading it, sleep, then send the answer (or send nothing and wait)."""
 
@@ -223,13 +107,13 @@ def timed_send(forwarder, instance, read_timeout: float, connect_timeout: float 
                                   connect_timeout, read_timeout)
     except Exception as exc:  # noqa: BLE001 (the test looks at what was raised)
         return exc, time.monotonic() - started
-    b"".join(stream_body(response, "svc"))
+    b"".join(stream_body(response))
     release(response)
     return response, time.monotonic() - started
 
 
 def test_read_timeout_holds_on_a_reused_connection_and_follows_each_request():
-    upstream = ScriptedUpstream([(0, OK), (0, OK), (5, OK)])
+    upstream = ScriptedConnection([(0, OK), (0, OK), (5, OK)])
     forwarder = Forwarder(pool_size=1)
     instance = Instance(upstream.port)
     try:
@@ -246,14 +130,14 @@ def test_read_timeout_holds_on_a_reused_connection_and_follows_each_request():
 
 
 def test_read_timeout_mid_body_aborts_the_stream():
-    upstream = ScriptedUpstream([(0, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")])
+    upstream = ScriptedConnection([(0, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")])
     forwarder = Forwarder(pool_size=1)
     try:
         response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None, 2,
                                   0.3)
         started = time.monotonic()
         with pytest.raises(UpstreamAborted):
-            b"".join(stream_body(response, "svc"))
+            b"".join(stream_body(response))
         assert time.monotonic() - started < 2
         release(response)
     finally:
@@ -262,7 +146,7 @@ def test_read_timeout_mid_body_aborts_the_stream():
 
 
 def test_send_timeout_holds_when_the_upstream_stops_reading():
-    upstream = ScriptedUpstream([(0, None)])  # reads one chunk, then nothing more
+    upstream = ScriptedConnection([(0, None)])  # reads one chunk, then nothing more
     forwarder = Forwarder(pool_size=1)
     result: list = []
     sender = threading.Thread(target=lambda: result.append(timed_send(
@@ -279,3 +163,307 @@ def test_send_timeout_holds_when_the_upstream_stops_reading():
         upstream.close()
         sender.join(10)
         forwarder.close()
+
+
+# -- every transport error becomes the gateway's own ------------------------------------------
+
+
+@pytest.mark.parametrize("script, error, kind", [
+    ([b"HTTP/1.1 200 OK\r\nX(Bad): 1\r\n\r\n"], BadGateway, "protocol"),
+    ([b"HTTP/1.1 999 Odd\r\n\r\n"], BadGateway, "protocol"),
+    ([b"garbage\r\n\r\n"], BadGateway, "protocol"),
+    (["reset"], BadGateway, "reset"),
+    (["close"], BadGateway, "reset"),
+])
+def test_transport_errors_are_translated_in_one_place(script, error, kind):
+
+    with ScriptedUpstream(script) as upstream:
+        forwarder = Forwarder(pool_size=1)
+        try:
+            with pytest.raises(error) as info:
+                forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None, 2, 5)
+        finally:
+            forwarder.close()
+    assert info.value.kind == kind
+    assert "127.0.0.1" not in info.value.description  # the client is not told the address
+
+
+# -- connect-time address checks (issue 11, item 5) -------------------------------------------
+
+
+class Named:
+    """An instance registered under a host name (resolved by the test's stub)."""
+
+    scheme, service, id, base_path = "http", "svc", "i1", ""
+
+    def __init__(self, host: str, port: int = 80, scheme: str = "http") -> None:
+        self.scheme, self.host, self.port = scheme, host, port
+        self.origin = f"{scheme}://{host}:{port}"
+
+
+class StubResolver:
+    """Answers ``getaddrinfo`` from a table: each name to a list of addresses, or to a list of
+    such lists, one per successive lookup. Nothing goes to DNS."""
+
+    def __init__(self, table: dict[str, list]) -> None:
+        self.table = table
+        self.lookups: list[str] = []
+
+    def __call__(self, host, port, family=0, type=0, proto=0, flags=0):
+        self.lookups.append(host)
+        answer = self.table.get(host, [])
+        if answer and isinstance(answer[0], list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        if not answer:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "",
+                 (ip, port, 0, 0) if ":" in ip else (ip, port)) for ip in answer]
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Whatever the check under test does, no connection leaves loopback: urllib3's
+    ``create_connection`` refuses anything else (and records what was tried)."""
+    import urllib3.util.connection
+
+    real = urllib3.util.connection.create_connection
+    tried: list[str] = []
+
+    def create_connection(address, *args, **kwargs):
+        tried.append(address[0])
+        if address[0] not in ("127.0.0.1", "::1"):
+            raise AssertionError(f"a connection to {address[0]} was attempted")
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", create_connection)
+    return tried
+
+
+REFUSED = [
+    "169.254.169.254", "169.254.0.1", "fd00:ec2::254", "64:ff9b::a9fe:a9fe",
+    "::ffff:169.254.169.254", "100.100.100.200", "192.0.0.192", "168.63.129.16", "0.0.0.0",
+    "0.1.2.3", "::", "224.0.0.1", "255.255.255.255", "ff02::1", "fe80::1",
+]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+@pytest.mark.parametrize("address", REFUSED)
+def test_a_name_resolving_to_a_refused_address_is_never_connected_to(loopback_only, address,
+                                                                     fast):
+    from gateway_app.addresses import AddressPolicy
+
+    resolver = StubResolver({"evil.test": [address]})
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver),
+                          fast_paths=frozenset(FAST) if fast else frozenset())
+    try:
+        with pytest.raises(BadGateway) as info:
+            forwarder.send(Named("evil.test"), "GET", "/", {"Host": "evil.test"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert info.value.kind == "address_refused" and info.value.safe_to_retry
+    assert "refused address" in info.value.description
+    assert resolver.lookups == ["evil.test"] and loopback_only == []
+
+
+def test_one_refused_address_among_several_refuses_the_name(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    resolver = StubResolver({"mixed.test": ["127.0.0.1", "169.254.169.254"]})
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+    try:
+        with pytest.raises(BadGateway, match="refused address"):
+            forwarder.send(Named("mixed.test"), "GET", "/", {"Host": "x"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert loopback_only == []
+
+
+@pytest.mark.parametrize("bind, deny, address, refused", [
+    ("127.0.0.1:8080", (), "127.0.0.1", True),  # the gateway itself
+    ("127.0.0.1:8080", (), "127.0.0.2", False),
+    ("0.0.0.0:8080", (), "127.0.0.5", True),  # listening everywhere: all of loopback is it
+    ("127.0.0.1:9", (), "127.0.0.1", False),  # another port
+    (None, ("10.0.0.0/8",), "10.1.2.3", True),  # GATEWAY_UPSTREAM_DENY
+    (None, ("10.0.0.0/8",), "::ffff:10.1.2.3", True),
+    (None, (), "10.1.2.3", False),
+])
+def test_the_gateways_own_address_and_the_deny_setting(bind, deny, address, refused):
+    import ipaddress
+
+    from gateway_app.addresses import AddressPolicy
+
+    policy = AddressPolicy([ipaddress.ip_network(n) for n in deny], bind,
+                           resolve=StubResolver({}))
+    assert (policy.refusal(ipaddress.ip_address(address), 8080) is not None) is refused
+
+
+def test_dns_rebinding_after_a_good_answer_is_caught_on_the_next_connection(loopback_only):
+    """The name is resolved and checked on every new connection, and the connection goes to
+    the address checked: a second lookup cannot slip another address in."""
+    from gateway_app.addresses import AddressPolicy
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with ScriptedUpstream([answer]) as upstream:
+        resolver = StubResolver({"rebind.test": [["127.0.0.1"], ["169.254.169.254"]]})
+        forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+        instance = Named("rebind.test", upstream.port)
+        try:
+            first = forwarder.send(instance, "GET", "/", {"Host": "rebind.test"}, None, 2, 5)
+            assert b"".join(stream_body(first)) == b"ok"
+            release(first)
+            with pytest.raises(BadGateway, match="refused address"):
+                forwarder.send(instance, "GET", "/", {"Host": "rebind.test"}, None, 2, 5)
+        finally:
+            forwarder.close()
+        assert resolver.lookups == ["rebind.test", "rebind.test"]
+        assert len(upstream.requests) == 1
+        assert upstream.requests[0].startswith(b"GET / HTTP/1.1\r\nHost: rebind.test\r\n")
+        assert loopback_only == ["127.0.0.1"]
+
+
+def test_a_name_with_several_addresses_falls_back_to_the_next_checked_one(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with ScriptedUpstream([answer]) as upstream:
+        resolver = StubResolver({"two.test": ["::1", "127.0.0.1"]})  # nothing on ::1 there
+        forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=resolver))
+        try:
+            response = forwarder.send(Named("two.test", upstream.port), "GET", "/",
+                                      {"Host": "two.test"}, None, 2, 5)
+            assert response.status_code == 200
+            release(response)
+        finally:
+            forwarder.close()
+    assert loopback_only == ["::1", "127.0.0.1"]
+
+
+def test_a_name_that_does_not_resolve_is_a_502_safe_to_retry(loopback_only):
+    from gateway_app.addresses import AddressPolicy
+
+    forwarder = Forwarder(pool_size=1, addresses=AddressPolicy(resolve=StubResolver(
+        {"nowhere.test": []})))
+    try:
+        with pytest.raises(BadGateway) as info:
+            forwarder.send(Named("nowhere.test"), "GET", "/", {"Host": "x"}, None, 2, 5)
+    finally:
+        forwarder.close()
+    assert info.value.kind == "name_unresolved" and info.value.safe_to_retry
+
+
+# -- one deadline per exchange (issue 12, item 4) ---------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_the_exchange_deadline_cuts_a_dribbling_head(fast):
+    from gateway_app.transport import Deadline
+
+    dribble: list = [b"HTTP/1.1 200 OK\r\n"]
+    for _ in range(100):
+        dribble += [0.1, b"X"]  # each byte well within the read timeout
+    with ScriptedUpstream(dribble) as upstream:
+        forwarder = Forwarder(pool_size=1, fast_paths=frozenset(FAST) if fast else frozenset())
+        started = time.monotonic()
+        try:
+            with pytest.raises(GatewayTimeout) as info:
+                forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None, 2, 5,
+                               Deadline(0.5))
+        finally:
+            forwarder.close()
+        assert 0.4 < time.monotonic() - started < 5  # not the ten seconds of dribbling
+        assert info.value.kind == "timeout"
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_the_exchange_deadline_cuts_a_dribbling_head_over_tls(tmp_path, fast):
+    """The TLS context makes every https socket a deadline-bound one (``sslsocket_class``);
+    the certificate is checked against the registered name while the connection goes to the
+    address checked."""
+    import ssl
+
+    import trustme
+
+    from gateway_app.addresses import AddressPolicy
+    from gateway_app.transport import Deadline
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("upstream.test").configure_cert(context)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):  # ten seconds of dribbling, each byte well within 5 s
+                if stop.wait(0.1):
+                    return
+                tls.sendall(b"X")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    resolver = StubResolver({"upstream.test": ["127.0.0.1"]})
+    forwarder = Forwarder(pool_size=1, ca_bundle=str(ca_file),
+                          addresses=AddressPolicy(resolve=resolver),
+                          fast_paths=frozenset(FAST) if fast else frozenset())
+    started = time.monotonic()
+    try:
+        with pytest.raises(GatewayTimeout):
+            forwarder.send(Named("upstream.test", server.getsockname()[1], "https"), "GET", "/",
+                           {"Host": "upstream.test"}, None, 2, 5, Deadline(0.7))
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        forwarder.close()
+        server.close()
+        thread.join(5)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "stock"])
+def test_without_a_deadline_the_read_timeout_alone_applies(fast):
+
+    dribble: list = [b"HTTP/1.1 200 OK\r\n", 0.3, b"Content-Length: 2\r\n", 0.3, b"\r\nok"]
+    with ScriptedUpstream(dribble) as upstream:
+        forwarder = Forwarder(pool_size=1, fast_paths=frozenset(FAST) if fast else frozenset())
+        try:
+            response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None,
+                                      2, 1)
+            assert b"".join(stream_body(response)) == b"ok"
+            release(response)
+        finally:
+            forwarder.close()
+
+
+def test_a_streamed_body_after_the_head_is_not_held_to_the_deadline():
+    """Once the head is in, the body streams under the per-read timeout only."""
+    from gateway_app.transport import Deadline
+
+    script: list = [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"]
+    for _ in range(4):
+        script += [0.3, b"x"]
+    with ScriptedUpstream(script) as upstream:
+        forwarder = Forwarder(pool_size=1)
+        try:
+            response = forwarder.send(Instance(upstream.port), "GET", "/", {"Host": "x"}, None,
+                                      2, 5, Deadline(0.5))
+            assert b"".join(stream_body(response)) == b"xxxx"  # took 1.2 s, past the deadline
+            release(response)
+        finally:
+            forwarder.close()
+
+
+def test_a_probe_goes_through_the_same_transport():
+
+    with ScriptedUpstream([b"HTTP/1.1 204 No Content\r\n\r\n"]) as upstream:
+        forwarder = Forwarder(pool_size=1)
+        try:
+            assert forwarder.probe(Instance(upstream.port), "/health", 2) == 204
+        finally:
+            forwarder.close()
+    assert upstream.requests[0] == (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                    b"User-Agent: gateway-health-check\r\n\r\n" % upstream.port)
+

@@ -110,3 +110,23 @@ def test_check_json_value_bounds_values_built_in_python():
                        ({"a": 2**60}, 8), ({"a": {1, 2}}, 8)):
         with pytest.raises(BadRequest):
             check_json_value(bad, "v", max_depth=depth)
+
+
+@pytest.mark.parametrize("address", [
+    "http://100.100.100.200", "http://192.0.0.192/latest", "http://168.63.129.16",
+    "http://[fd00:ec2::254]", "http://[64:ff9b::a9fe:a9fe]", "http://224.0.0.1",
+    "http://255.255.255.255", "http://[ff02::1]", "http://0.1.2.3:80",
+])
+def test_every_refused_range_is_refused_at_registration_too(address):
+    with pytest.raises(BadRequest, match="is refused"):
+        normalise_address(address)
+
+
+def test_the_deny_setting_applies_to_literals_at_registration():
+    import ipaddress
+
+    deny = [ipaddress.ip_network("10.0.0.0/8")]
+    with pytest.raises(BadRequest, match="GATEWAY_UPSTREAM_DENY"):
+        normalise_address("http://10.1.2.3:8080", deny)
+    assert normalise_address("http://10.1.2.3:8080") == "http://10.1.2.3:8080"
+    assert normalise_address("http://internal.example", deny) == "http://internal.example"
