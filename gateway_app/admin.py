@@ -218,6 +218,12 @@ def drain(name: str, instance: str) -> Response:
     return _instance_write(name, instance, "drain")
 
 
+@bp.delete("/_gateway/services/<name>/instances/<instance>/drain")
+def undrain(name: str, instance: str) -> Response:
+    """Undo a drain: the instance takes new traffic again (harmless when not draining)."""
+    return _instance_write(name, instance, "undrain")
+
+
 # -- policies ------------------------------------------------------------------------------
 # A policy belongs to a service name, not to its instances: it may be set before any instance
 # registers and outlives the last one.

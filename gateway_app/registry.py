@@ -362,7 +362,11 @@ class Registry:
         return self._write(self.store.remove_service, name)
 
     def drain(self, name: str, instance: str) -> InstanceRecord | None:
-        return self._write(self.store.set_draining, name, instance)
+        return self._write(self.store.set_draining, name, instance, True)
+
+    def undrain(self, name: str, instance: str) -> InstanceRecord | None:
+        """Take a drained instance back into rotation (re-registering it does the same)."""
+        return self._write(self.store.set_draining, name, instance, False)
 
     def put_policy(self, name: str, policy: dict[str, Any]) -> None:
         self._write(self.store.put_policy, name, policy)

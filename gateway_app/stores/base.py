@@ -67,7 +67,8 @@ class Store(ABC):
 
     @abstractmethod
     def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
-        """Insert or update an instance; keeps ``registered_at`` of an existing one.
+        """Insert or update an instance; keeps ``registered_at`` of an existing one, and
+        undoes a drain (re-registering brings an instance back).
 
         The lease (``expires_at``) is set from ``record.ttl`` by the store's clock.
         Returns the stored record and whether it was new.
@@ -86,8 +87,11 @@ class Store(ABC):
         """Remove all instances of a service; the removed ones (empty when none)."""
 
     @abstractmethod
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
-        """Mark an instance as draining; ``None`` when there is no such instance."""
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
+        """Mark an instance as draining (or, with ``draining=False``, take it back into
+        rotation); ``None`` when there is no such instance. Setting what is already set
+        changes nothing (the version stays)."""
 
     @abstractmethod
     def purge_expired(self) -> int:

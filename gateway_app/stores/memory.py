@@ -43,7 +43,7 @@ class MemoryStore(Store):
                 record,
                 registered_at=old.registered_at if old else now,
                 expires_at=now + record.ttl if record.ttl is not None else None,
-                draining=old.draining if old else False,
+                draining=False,
             )
             self._instances[(record.service, record.id)] = stored
             self._bump()
@@ -74,12 +74,13 @@ class MemoryStore(Store):
                 self._bump()
             return removed
 
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
         with self._lock:
             old = self._instances.get((service, instance_id))
-            if old is None:
-                return None
-            new = dataclasses.replace(old, draining=True)
+            if old is None or old.draining == draining:
+                return old
+            new = dataclasses.replace(old, draining=draining)
             self._instances[(service, instance_id)] = new
             self._bump()
             return new

@@ -109,7 +109,6 @@ if not registered then
   created = 1
   registered = fmt(now)
 end
-local draining = old[2] or '0'
 local expires = ''
 if ARGV[5] ~= '' then
   expires = fmt(now + math.floor(tonumber(ARGV[5]) * 1000000 + 0.5))
@@ -119,7 +118,7 @@ else
 end
 redis.call('HSET', KEYS[4], 'address', ARGV[2], 'weight', ARGV[3], 'metadata', ARGV[4],
            'ttl', ARGV[5], 'registered_at', registered, 'expires_at', expires,
-           'draining', draining)
+           'draining', '0')
 redis.call('SADD', KEYS[2], ARGV[1])
 bump(KEYS[1], ARGV[6])
 return {created, redis.call('HGETALL', KEYS[4])}
@@ -167,12 +166,12 @@ if #removed > 0 then bump(KEYS[1], ARGV[3]) end
 return removed
 """
 
-# KEYS: version, instance. ARGV: channel.
+# KEYS: version, instance. ARGV: channel, "1" to drain or "0" to undo it.
 _SET_DRAINING = _COMMON + """
 local draining = redis.call('HGET', KEYS[2], 'draining')
 if not draining then return false end
-if draining ~= '1' then
-  redis.call('HSET', KEYS[2], 'draining', '1')
+if draining ~= ARGV[2] then
+  redis.call('HSET', KEYS[2], 'draining', ARGV[2])
   bump(KEYS[1], ARGV[1])
 end
 return redis.call('HGETALL', KEYS[2])
@@ -550,10 +549,11 @@ class RedisStore(Store):
         removed = [_record(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         return sorted(removed, key=lambda r: (r.registered_at, r.id))
 
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
         member = self._member(service, instance_id)
         flat = self._run("set_draining", [self._version_key, self._instance_prefix + member],
-                         [self.channel])
+                         [self.channel, "1" if draining else "0"])
         return _record(member, flat) if flat else None
 
     def purge_expired(self) -> int:

@@ -162,20 +162,20 @@ class SQLiteStore(Store):
         expires_at = now + record.ttl if record.ttl is not None else None
         with self._write() as conn:
             old = conn.execute(
-                "SELECT registered_at, draining FROM instances WHERE service = ? AND id = ?",
+                "SELECT registered_at FROM instances WHERE service = ? AND id = ?",
                 (record.service, record.id),
             ).fetchone()
-            registered_at, draining = old if old else (now, 0)
+            registered_at = old[0] if old else now
             conn.execute(
                 f"INSERT OR REPLACE INTO instances ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                 (record.service, record.id, record.address, record.weight,
                  json.dumps(record.metadata, separators=(",", ":")), record.ttl,
-                 registered_at, expires_at, draining),
+                 registered_at, expires_at, 0),
             )
         stored = InstanceRecord(
             service=record.service, id=record.id, address=record.address, weight=record.weight,
             metadata=record.metadata, ttl=record.ttl, registered_at=registered_at,
-            expires_at=expires_at, draining=bool(draining),
+            expires_at=expires_at, draining=False,
         )
         return stored, old is None
 
@@ -220,13 +220,15 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM instances WHERE service = ?", (service,))
         return removed
 
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
         found = None
         with self._write() as conn:
-            conn.execute("UPDATE instances SET draining = 1 WHERE service = ? AND id = ?",
-                         (service, instance_id))
+            changed = conn.execute(
+                "UPDATE instances SET draining = ? WHERE service = ? AND id = ? AND draining != ?",
+                (int(draining), service, instance_id, int(draining))).rowcount
             found = self._get(conn, service, instance_id)
-            if found is None:
+            if not changed:
                 raise _NoChange
         return found
 

@@ -169,7 +169,7 @@ def test_concurrent_changes_to_one_instance_stay_whole(stores):
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(churn, range(300)))
     [record] = one.load().instances
-    assert record.draining is True and record.ttl == 60
+    assert record.ttl == 60  # drained or not: whichever of drain and register came last
     assert record.expires_at == pytest.approx(record.registered_at + 60, abs=30)
 
 

@@ -38,7 +38,7 @@ def rec(service="svc", id_="i1", address="http://10.0.0.1:80", **fields) -> Inst
     return InstanceRecord(service=service, id=id_, address=address, **fields)
 
 
-def test_register_new_then_again_keeps_registered_at_and_draining(store):
+def test_register_new_then_again_keeps_registered_at_and_undoes_a_drain(store):
     before = time.time()
     first, new = store.register(rec(ttl=30, weight=2, metadata={"zone": "a"}))
     assert new is True
@@ -52,7 +52,7 @@ def test_register_new_then_again_keeps_registered_at_and_draining(store):
     again, new = store.register(rec(address="http://10.0.0.1:80", weight=5, metadata={}))
     assert new is False
     assert again.registered_at == first.registered_at
-    assert again.draining is True  # a re-registration does not undo a drain
+    assert again.draining is False  # re-registering brings a drained instance back
     assert (again.weight, again.metadata, again.ttl, again.expires_at) == (5, {}, None, None)
     [loaded] = store.load().instances
     assert loaded == again
@@ -88,12 +88,21 @@ def test_remove_instance_and_service(store):
     assert [(r.service, r.id) for r in store.load().instances] == [("other", "c")]
 
 
-def test_set_draining(store):
+def test_set_draining_and_undo_it(store):
     assert store.set_draining("svc", "i1") is None
+    assert store.set_draining("svc", "i1", False) is None
     store.register(rec())
+    version = store.version()
+    assert store.set_draining("svc", "i1", False).draining is False  # not draining: no change
+    assert store.version() == version
     drained = store.set_draining("svc", "i1")
     assert drained.draining is True
     assert store.load().instances[0].draining is True
+    version = store.version()
+    undone = store.set_draining("svc", "i1", False)
+    assert undone.draining is False
+    assert store.load().instances[0].draining is False
+    assert store.version() > version
 
 
 def test_purge_expired_removes_lapsed_leases_only(store):
@@ -131,6 +140,12 @@ def test_every_change_moves_the_version_and_nothing_else_does(store):
     store.heartbeat("svc", "i1")
     changed()
     store.set_draining("svc", "i1")
+    changed()
+    store.set_draining("svc", "i1", False)
+    changed()
+    store.set_draining("svc", "i1")
+    changed()
+    store.register(rec(ttl=60))  # undoes the drain
     changed()
     store.put_policy("svc", {"auth": "none"})
     changed()
