@@ -31,7 +31,9 @@ Layout, under the prefix::
     changes                 channel  the new version, published by every change
 
 Every write is one Lua script, so it is atomic and its clock is the Redis server's ``TIME``
-(leases lapse at the same moment for every node, whatever their clocks say). A script that
+(leases lapse at the same moment for every node, whatever their clocks say). Each carries a
+deadline on that clock, and changes nothing when it runs later (see :class:`ServerClock`): a
+write whose caller was answered with an error never takes effect afterwards. A script that
 changes something bumps ``version`` and publishes it on ``changes``; one that changes nothing
 leaves both alone. When ``version`` does not exist (a new or wiped Redis) the first write sets
 it from the server clock in microseconds, so versions never repeat after a data loss.
@@ -80,15 +82,31 @@ BREAKER_SECONDS = 1.0
 RESUBSCRIBE_SECONDS = 1.0
 #: Seconds between two warnings about the same trouble.
 WARN_EVERY = 30.0
+#: Seconds an estimate of where the Redis clock stands is used before it is measured again.
+CLOCK_MAX_AGE = 10.0
+#: How fast the Redis clock and ours may drift apart (NTP slews by at most 500 ppm).
+CLOCK_DRIFT = 500e-6
+#: Seconds a write's deadline falls before its caller gives up (its socket timeout), at most:
+#: room for the script's answer to come back in time.
+DEADLINE_MARGIN = 0.1
 
 # -- Lua ---------------------------------------------------------------------------------------
 
-_COMMON = """
-local function fmt(n) return string.format('%.0f', n) end
+# Every write script starts with this. Its last ARGV is the write's deadline on the Redis
+# clock (microseconds): a script that runs later than that (Redis was hung and has resumed;
+# the caller gave up and answered 503) changes nothing and fails.
+_DEADLINE = """
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+if now_us() > tonumber(ARGV[#ARGV]) then
+  return redis.error_reply('LATE the write arrived after its deadline; nothing was changed')
+end
+"""
+
+_COMMON = _DEADLINE + """
+local function fmt(n) return string.format('%.0f', n) end
 local function bump(vkey, channel)
   local v = redis.call('INCR', vkey)
   if v == 1 then
@@ -99,7 +117,8 @@ local function bump(vkey, channel)
 end
 """
 
-# KEYS: version, index, leases, instance. ARGV: member, address, weight, metadata, ttl, channel.
+# KEYS: version, index, leases, instance.
+# ARGV: member, address, weight, metadata, ttl, channel, deadline.
 _REGISTER = _COMMON + """
 local now = now_us()
 local old = redis.call('HMGET', KEYS[4], 'registered_at', 'draining')
@@ -124,7 +143,7 @@ bump(KEYS[1], ARGV[6])
 return {created, redis.call('HGETALL', KEYS[4])}
 """
 
-# KEYS: version, leases, instance. ARGV: member, channel.
+# KEYS: version, leases, instance. ARGV: member, channel, deadline.
 _HEARTBEAT = _COMMON + """
 local ttl = redis.call('HGET', KEYS[3], 'ttl')
 if not ttl then return false end
@@ -137,7 +156,7 @@ end
 return redis.call('HGETALL', KEYS[3])
 """
 
-# KEYS: version, index, leases, instance. ARGV: member, channel.
+# KEYS: version, index, leases, instance. ARGV: member, channel, deadline.
 _REMOVE_INSTANCE = _COMMON + """
 local record = redis.call('HGETALL', KEYS[4])
 if #record == 0 then return false end
@@ -148,7 +167,7 @@ bump(KEYS[1], ARGV[2])
 return record
 """
 
-# KEYS: version, index, leases. ARGV: "SERVICE/", instance key prefix, channel.
+# KEYS: version, index, leases. ARGV: "SERVICE/", instance key prefix, channel, deadline.
 _REMOVE_SERVICE = _COMMON + """
 local removed = {}
 local n = #ARGV[1]
@@ -166,7 +185,7 @@ if #removed > 0 then bump(KEYS[1], ARGV[3]) end
 return removed
 """
 
-# KEYS: version, instance. ARGV: channel, "1" to drain or "0" to undo it.
+# KEYS: version, instance. ARGV: channel, "1" to drain or "0" to undo it, deadline.
 _SET_DRAINING = _COMMON + """
 local draining = redis.call('HGET', KEYS[2], 'draining')
 if not draining then return false end
@@ -177,7 +196,7 @@ end
 return redis.call('HGETALL', KEYS[2])
 """
 
-# KEYS: version, index, leases. ARGV: instance key prefix, channel.
+# KEYS: version, index, leases. ARGV: instance key prefix, channel, deadline.
 _PURGE_EXPIRED = _COMMON + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', fmt(now_us()))
 for _, member in ipairs(due) do
@@ -189,7 +208,7 @@ if #due > 0 then bump(KEYS[1], ARGV[2]) end
 return #due
 """
 
-# KEYS: version, policies. ARGV: service, body, channel.
+# KEYS: version, policies. ARGV: service, body, channel, deadline.
 _PUT_POLICY = _COMMON + """
 if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -197,7 +216,7 @@ bump(KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS: version, policies. ARGV: service, channel.
+# KEYS: version, policies. ARGV: service, channel, deadline.
 _DELETE_POLICY = _COMMON + """
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
 bump(KEYS[1], ARGV[2])
@@ -217,10 +236,9 @@ return {redis.call('GET', KEYS[1]) or '0', t[1], t[2], instances,
 """
 
 # The token bucket of ratelimit.SharedBuckets.take, on the Redis clock.
-# KEYS: the bucket. ARGV: rate (tokens per second), capacity.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+# KEYS: the bucket. ARGV: rate (tokens per second), capacity, deadline.
+_TAKE = _DEADLINE + """
+local now = now_us()
 local rate = tonumber(ARGV[1]) / 1000000
 local capacity = tonumber(ARGV[2])
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -407,6 +425,55 @@ def make_client(config: RedisURL, timeout: float | None = None,
 _REDIS_ERRORS = (redis.RedisError, OSError)
 
 
+class ServerClock:
+    """Where the Redis server's clock (``TIME``) stands against this process's monotonic
+    clock, for the deadlines of writes.
+
+    A write is sent with a deadline on the Redis clock, a little before its caller gives up
+    waiting (``timeout``, the socket timeout). The script checks it against ``TIME`` before
+    changing anything. So a write whose caller was answered with an error (Redis hung, the
+    socket timed out) and which Redis runs later, once it resumes, changes nothing: a write
+    answered 503 never takes effect afterwards. The offset is measured with one ``TIME`` round
+    trip, at most every :data:`CLOCK_MAX_AGE` seconds, and the deadline is moved earlier by
+    the measurement's uncertainty (half its round trip) and the drift since.
+    """
+
+    def __init__(self, client: redis.Redis, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._margin = min(DEADLINE_MARGIN, timeout / 4)
+        self._lock = threading.Lock()
+        #: Redis time minus our monotonic time, the measurement's uncertainty, and when it
+        #: was measured (monotonic); ``None`` until measured.
+        self._estimate: tuple[float, float, float] | None = None
+
+    def deadline(self) -> str:
+        """The deadline, in microseconds on the Redis clock, for a write sent now."""
+        estimate = self._estimate
+        now = time.monotonic()
+        if estimate is None or now - estimate[2] > CLOCK_MAX_AGE:
+            estimate = self._measure()
+            now = time.monotonic()
+        offset, uncertainty, measured = estimate
+        uncertainty += (now - measured) * CLOCK_DRIFT
+        return str(int((now + offset + self._timeout - self._margin - uncertainty) * 1e6))
+
+    def _measure(self) -> tuple[float, float, float]:
+        with self._lock:
+            before = time.monotonic()
+            seconds, micros = self._client.time()
+            after = time.monotonic()
+            estimate = (seconds + micros / 1e6 - (before + after) / 2, (after - before) / 2,
+                        after)
+            self._estimate = estimate
+            return estimate
+
+    def forget(self) -> None:
+        """Measure again before the next write (after an error: Redis may have failed over
+        to another server, with another clock)."""
+        self._estimate = None
+
+
 def _record(member: str, flat: Sequence[str]) -> InstanceRecord:
     fields = dict(zip(flat[::2], flat[1::2], strict=True))
     service, _, id_ = member.partition("/")
@@ -450,6 +517,7 @@ class RedisStore(Store):
         self._instance_prefix = p + "instance:"
         self.channel = p + "changes"
         self._client = make_client(self.config)
+        self._clock = ServerClock(self._client, self.config.socket_timeout)
         scripts = {name: self._client.register_script(text) for name, text in (
             ("register", _REGISTER), ("heartbeat", _HEARTBEAT),
             ("remove_instance", _REMOVE_INSTANCE), ("remove_service", _REMOVE_SERVICE),
@@ -468,9 +536,11 @@ class RedisStore(Store):
     # -- plumbing --------------------------------------------------------------------------
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a write script, with its deadline as the last argument."""
         try:
-            return self._scripts[name](keys=keys, args=args)
+            return self._scripts[name](keys=keys, args=[*args, self._clock.deadline()])
         except _REDIS_ERRORS as exc:
+            self._clock.forget()
             raise StoreError(f"{self.description}: {exc}") from exc
 
     def _member(self, service: str, instance_id: str) -> str:
@@ -501,9 +571,12 @@ class RedisStore(Store):
         return int(value)
 
     def load(self) -> StoreState:
-        version, seconds, micros, flat, policies = self._run(
-            "load", [self._version_key, self._index_key, self._policies_key],
-            [self._instance_prefix])
+        try:
+            version, seconds, micros, flat, policies = self._scripts["load"](
+                keys=[self._version_key, self._index_key, self._policies_key],
+                args=[self._instance_prefix])
+        except _REDIS_ERRORS as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
         instances = tuple(_record(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)
                           if flat[i + 1])
         return StoreState(
@@ -663,6 +736,7 @@ class RedisLimiter:
         self._clock = clock
         self._prefix = config.prefix + "ratelimit:"
         self._client = make_client(config, timeout=config.rate_limit_timeout)
+        self._server_clock = ServerClock(self._client, config.rate_limit_timeout)
         self._script = self._client.register_script(_TAKE)
         self._lock = threading.Lock()
         self._failing = False
@@ -682,8 +756,10 @@ class RedisLimiter:
                 self._open_until = now + self.breaker_seconds
         rate, capacity = limit.rate, float(limit.capacity)
         try:
-            allowed, text = self._script(keys=[self.key(key)], args=[repr(rate), limit.capacity])
+            allowed, text = self._script(keys=[self.key(key)], args=[
+                repr(rate), limit.capacity, self._server_clock.deadline()])
         except _REDIS_ERRORS as exc:
+            self._server_clock.forget()
             with self._lock:
                 self._failing = True
                 self._open_until = self._clock() + self.breaker_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +242,71 @@ def test_an_outage_fails_writes_cleanly_and_the_store_recovers_by_itself(tmp_pat
         server.stop()
 
 
+def test_a_write_that_timed_out_on_a_paused_redis_never_takes_effect_later(tmp_path):
+    """Redis hung (SIGSTOP) holds the commands sent to it; when it resumes it would run them.
+    Every write carries a deadline checked against Redis's TIME: one whose caller was told it
+    failed is refused when it finally runs."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = server.url + "?socket_timeout=0.3&prefix=paused:"
+        store = RedisStore(url)
+        limiter = RedisLimiter(parse_url(url), fail_open=False)
+        store.register(rec("steady", ttl=3600))
+        store.register(rec("drained"))
+        store.set_draining("svc", "drained")
+        store.register(rec("short", service="brief", ttl=1))
+        store.put_policy("svc", {"auth": "none"})
+        store.put_policy("other", {"auth": "none"})
+        limit = parse_rate_limit("5/hour")
+        assert limiter.take("client", limit).remaining == 4
+        before = store.load()
+
+        # each write on a node of its own whose connection is open, as a busy gateway's is
+        # (a new connection to a paused Redis hangs in its handshake and sends nothing)
+        nodes = [RedisStore(url) for _ in range(10)]
+        for node in nodes:
+            node.heartbeat("svc", "none")  # connects; changes nothing
+        writes = [
+            lambda: nodes[0].register(rec("late", ttl=60)),
+            lambda: nodes[1].register(rec("steady", weight=9)),
+            lambda: nodes[2].heartbeat("svc", "steady"),
+            lambda: nodes[3].set_draining("svc", "steady"),
+            lambda: nodes[4].set_draining("svc", "drained", False),
+            lambda: nodes[5].remove_instance("svc", "steady"),
+            lambda: nodes[6].remove_service("svc"),
+            lambda: nodes[7].put_policy("svc", {"auth": "jwt"}),
+            lambda: nodes[8].delete_policy("other"),
+            nodes[9].purge_expired,  # "brief/short" lapses during the pause
+        ]
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.1)
+            for write in writes:
+                with pytest.raises(StoreError):
+                    write()
+            assert limiter.take("client", limit).allowed is False  # fails closed
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: _loads(store), 5, 0.05, "Redis to answer again")
+        time.sleep(0.2)  # whatever Redis held has run by now
+        after = store.load()
+        def by_key(state):
+            return sorted(state.instances, key=lambda r: (r.service, r.id))
+
+        assert by_key(after) == by_key(before)
+        assert after.policies == before.policies
+        assert after.version == before.version
+        fresh = RedisLimiter(parse_url(url))  # (the first one's breaker is open for a second)
+        assert fresh.take("client", limit).remaining == 3  # one token taken before, not two
+        fresh.close()
+        for node in nodes:
+            node.close()
+        limiter.close()
+        store.close()
+    finally:
+        server.stop()
+
+
 def _works(store: RedisStore) -> bool:
     try:
         store.register(rec(id_="after"))
@@ -272,8 +338,12 @@ def test_acknowledged_writes_survive_a_redis_kill_9_with_aof(tmp_path):
         server.start()
         wait_for(lambda: _loads(store), 5, 0.05, "Redis to come back")
         after = store.load()
-        assert (after.version, after.instances, after.policies) == (
-            before.version, before.instances, before.policies)
+        def by_key(state):
+            return sorted(state.instances, key=lambda r: (r.service, r.id))
+
+        assert by_key(after) == by_key(before)
+        assert after.policies == before.policies
+        assert after.version == before.version
         store.close()
     finally:
         server.stop()
