@@ -1,9 +1,9 @@
 """The registry API blueprint: the seed's ``/register_service`` and ``/deregister_service``,
 and the REST forms under ``/_gateway/``.
 
-Every route but ``/_gateway/health`` is for operators and services only: the caller's address
-must be in ``GATEWAY_ADMIN_ALLOW``, or it must present ``GATEWAY_ADMIN_TOKEN`` as a bearer
-token. Anyone else gets 401 and nothing changes.
+Every route but ``/_gateway/health`` and ``/_gateway/ready`` is for operators and services
+only: the caller's address must be in ``GATEWAY_ADMIN_ALLOW``, or it must present
+``GATEWAY_ADMIN_TOKEN`` as a bearer token. Anyone else gets 401 and nothing changes.
 """
 
 from __future__ import annotations
@@ -44,13 +44,16 @@ MAX_REGISTRY_BODY = 64 * 1024
 
 bp = Blueprint("admin", __name__)
 
+#: Routes open to anyone: liveness and readiness, for load balancers and orchestrators.
+OPEN_ENDPOINTS = frozenset({"admin.health", "admin.ready"})
+
 
 @bp.before_request
 def authorise() -> None:
     """An admin-allowed client address, or the admin token; 401 otherwise. A request relayed
     for someone else (by the gateway itself, or by any proxy that is not a trusted one and
     says so in ``Via`` or ``X-Forwarded-*``) never counts as coming from its relay's address."""
-    if request.endpoint == "admin.health":
+    if request.endpoint in OPEN_ENDPOINTS:
         return
     gw = current_app.extensions["gateway"]
     settings = gw.settings
@@ -160,7 +163,18 @@ def deregister() -> Response:
 
 @bp.get("/_gateway/health")
 def health() -> Response:
+    """Liveness: the worker answers. Never touches the store or an upstream."""
     return jsonify(status="ok")
+
+
+@bp.get("/_gateway/ready")
+def ready() -> tuple[Response, int]:
+    """Readiness of the worker that answers: 200 once it has loaded the registry, 503 with the
+    reason before that and from the moment it begins to stop."""
+    reason = current_app.extensions["gateway"].not_ready_reason()
+    if reason is None:
+        return jsonify(status="ready"), 200
+    return jsonify(status="not_ready", reason=reason), 503
 
 
 @bp.get("/_gateway/services")

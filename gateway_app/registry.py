@@ -178,6 +178,9 @@ class Snapshot:
     policy_docs: Mapping[str, dict[str, Any]]
     #: The earliest lease expiry, so the watcher knows when a purge is due.
     next_expiry: float | None
+    #: False only for :data:`EMPTY`, the snapshot of a worker that has not loaded the
+    #: registry yet: "no such service" cannot be told from it.
+    loaded: bool = True
 
     @classmethod
     def from_state(cls, state: StoreState, health: HealthTracker | None = None,
@@ -208,7 +211,12 @@ class Snapshot:
         )
 
 
-EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expiry=None)
+EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expiry=None,
+                 loaded=False)
+
+#: Seconds between two attempts to reach a store that failed, at most (the wait doubles from
+#: the refresh interval up to this).
+MAX_RETRY_DELAY = 1.0
 
 
 class Registry:
@@ -231,14 +239,22 @@ class Registry:
         #: When the store stopped answering (``None`` while it answers): leases do not lapse
         #: during an outage, since their heartbeats cannot get through either.
         self._down_since: float | None = None
+        #: Why the store last failed, for the readiness answer.
+        self._last_error = ""
+        #: Store failures in a row: the watcher backs off while they last.
+        self._failures = 0
         # A forked child must start its own watcher: threads do not survive fork.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _forget_watcher(ref))
         try:
             self.reload()
-        except StoreUnavailable as exc:  # start anyway; the watcher loads it when it answers
+        except StoreUnavailable as exc:
+            # Start, but not ready: proxied requests get 503 (not 404) until the watcher,
+            # retrying with backoff, has loaded the registry.
             self._down_since = time.time()
-            log.warning("starting with an empty registry: %s", exc.description)
+            self._last_error = exc.description or ""
+            log.warning("the registry could not be loaded; not ready until it is (retrying): "
+                        "%s", exc.description)
         self._start_watcher()
 
     # -- readers ---------------------------------------------------------------------------
@@ -248,8 +264,16 @@ class Registry:
         down_since = self._down_since
         return (time.time() if down_since is None else down_since) + self._clock_offset
 
+    def not_ready_reason(self) -> str | None:
+        """Why this worker cannot route yet (``None`` once the registry is loaded)."""
+        if self._snapshot.loaded:
+            return None
+        reason = "the registry has not been loaded from its store yet"
+        return f"{reason} ({self._last_error})" if self._last_error else reason
+
     def snapshot(self) -> Snapshot:
-        """The current snapshot. No lock, no I/O."""
+        """The current snapshot. No lock, no I/O. Until the registry is loaded it is
+        :data:`EMPTY`, whose ``loaded`` is false."""
         if not self._watching:
             self._start_watcher()
         return self._snapshot
@@ -293,7 +317,10 @@ class Registry:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            self.store.wait_for_change(self.refresh_interval, self._stop)
+            delay = self.refresh_interval
+            if self._failures:  # back off from a store that fails, up to MAX_RETRY_DELAY
+                delay = min(MAX_RETRY_DELAY, delay * 2 ** min(self._failures, 16))
+            self.store.wait_for_change(delay, self._stop)
             if self._stop.is_set():
                 return
             self.watch_step()
@@ -303,14 +330,21 @@ class Registry:
         try:
             self.refresh()
         except StoreUnavailable as exc:
+            self._failures += 1
+            self._last_error = exc.description or ""
             if self._down_since is None:
                 self._down_since = time.time()
             now = time.monotonic()
             if now - self._last_error_log > 30:
                 self._last_error_log = now
-                log.warning("registry refresh failed, serving the last snapshot: %s",
-                            exc.description)
+                if self._snapshot.loaded:
+                    log.warning("registry refresh failed, serving the last snapshot: %s",
+                                exc.description)
+                else:
+                    log.warning("the registry still cannot be loaded; not ready: %s",
+                                exc.description)
             return
+        self._failures = 0
         if self._down_since is not None:
             self._down_since = None
             log.warning("the registry store answers again")
@@ -318,7 +352,7 @@ class Registry:
     def refresh(self) -> None:
         """One watcher step: reload if another process wrote; purge lapsed leases when due."""
         snap = self._snapshot
-        if self._call(self.store.version) != snap.version:
+        if not snap.loaded or self._call(self.store.version) != snap.version:
             self.reload()
         elif snap.next_expiry is not None and self.now() >= snap.next_expiry:
             with self._write_lock:

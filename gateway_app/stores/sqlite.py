@@ -54,6 +54,52 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
 _COLUMNS = "service, id, address, weight, metadata, ttl, registered_at, expires_at, draining"
 
 
+def _open(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _is_prepared(conn: sqlite3.Connection) -> bool:
+    """WAL mode set and the schema there: reads only."""
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return False
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                        ).fetchone() is not None
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """Set WAL mode and create the schema (idempotent; takes the write lock)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def prepare(path: str | Path) -> None:
+    """Create the database file, its schema and WAL mode, once, before any worker opens it
+    (gunicorn's ``on_starting``, in the master): workers then never write to start, so a
+    busy database cannot leave one without its registry. Raises :class:`StoreError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _open(path)
+        try:
+            _create(conn)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"sqlite store {path}: {exc}") from exc
+
+
 def _record(row: tuple) -> InstanceRecord:
     service, id_, address, weight, metadata, ttl, registered_at, expires_at, draining = row
     return InstanceRecord(
@@ -74,22 +120,15 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("BEGIN IMMEDIATE")
+            conn = _open(self.path)
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("COMMIT")
+                # Under gunicorn the master made the file (prepare(), before forking): a
+                # worker only reads here, so another process's write cannot make it fail.
+                # Alone (tests, a single process), the first connection makes it.
+                if not _is_prepared(conn):
+                    _create(conn)
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.close()
                 raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn

@@ -62,3 +62,57 @@ def test_leases_do_not_lapse_while_the_store_is_down(monkeypatch):
         assert not instance.live(registry.now())
     finally:
         registry.close()
+
+
+def test_a_registry_that_could_not_load_is_not_ready_and_retries_by_itself():
+    store = FlakyStore()
+    store.register(InstanceRecord(service="svc", id=instance_id("http://a:1"),
+                                  address="http://a:1"))
+    store.down = True
+    registry = Registry(store, refresh_interval=0.01)
+    try:
+        assert not registry.snapshot().loaded  # not an empty registry to serve from
+        assert "not been loaded" in registry.not_ready_reason()
+        assert "connection refused" in registry.not_ready_reason()
+        store.down = False
+        deadline = time.monotonic() + 2
+        while not registry.snapshot().loaded and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert registry.snapshot().loaded and "svc" in registry.snapshot().services
+        assert registry.not_ready_reason() is None
+    finally:
+        registry.close()
+
+
+def test_a_worker_not_loaded_answers_503_not_404_and_says_so_on_ready(make_app, auth,
+                                                                      monkeypatch):
+    app = make_app()
+    client = app.test_client()
+    assert client.post("/register_service", data="svc,http://127.0.0.1:9").status_code == 201
+    ready = client.get("/_gateway/ready", environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    assert (ready.status_code, ready.get_json()) == (200, {"status": "ready"})
+
+    registry = app.extensions["gateway"].registry
+    from gateway_app.registry import EMPTY
+
+    monkeypatch.setattr(registry, "_snapshot", EMPTY)  # as a worker whose first load failed
+    monkeypatch.setattr(registry, "_start_watcher", lambda: None)
+    for path in ("/svc/", "/unknown/x"):
+        response = client.get(path, headers=auth)
+        assert response.status_code == 503
+        assert response.get_json()["error"] == "registry_not_ready"
+        assert response.headers["Retry-After"] == "1"
+    ready = client.get("/_gateway/ready", environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    assert ready.status_code == 503
+    assert ready.get_json()["status"] == "not_ready" and ready.get_json()["reason"]
+
+
+def test_ready_turns_503_first_when_the_worker_stops(make_app):
+    app = make_app()
+    client = app.test_client()
+    assert client.get("/_gateway/ready").status_code == 200
+    app.extensions["gateway"].begin_shutdown()
+    ready = client.get("/_gateway/ready")
+    assert ready.status_code == 503
+    assert ready.get_json() == {"status": "not_ready", "reason": "this worker is shutting down"}
+    assert client.get("/_gateway/health").status_code == 200  # still alive
