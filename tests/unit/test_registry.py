@@ -95,8 +95,12 @@ def test_a_worker_not_loaded_answers_503_not_404_and_says_so_on_ready(make_app, 
     registry = app.extensions["gateway"].registry
     from gateway_app.registry import EMPTY
 
+    def down(*args):
+        raise StoreError("connection refused")
+
+    for method in ("version", "load", "changes"):  # the watcher cannot load it back
+        monkeypatch.setattr(registry.store, method, down, raising=False)
     monkeypatch.setattr(registry, "_snapshot", EMPTY)  # as a worker whose first load failed
-    monkeypatch.setattr(registry, "_start_watcher", lambda: None)
     for path in ("/svc/", "/unknown/x"):
         response = client.get(path, headers=auth)
         assert response.status_code == 503
@@ -116,3 +120,46 @@ def test_ready_turns_503_first_when_the_worker_stops(make_app):
     assert ready.status_code == 503
     assert ready.get_json() == {"status": "not_ready", "reason": "this worker is shutting down"}
     assert client.get("/_gateway/health").status_code == 200  # still alive
+
+
+class CountingStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.loads = 0
+
+    def load(self):
+        self.loads += 1
+        return super().load()
+
+
+def test_a_write_updates_the_snapshot_incrementally():
+    store = CountingStore()
+    for n in range(50):
+        store.register(InstanceRecord(service=f"s{n:02d}", id=instance_id(f"http://a:{n + 1}"),
+                                      address=f"http://a:{n + 1}"))
+    registry = Registry(store, refresh_interval=3600)  # the test drives the watcher itself
+    try:
+        loads = store.loads
+        before = registry.snapshot()
+        registry.register("s07", "http://b:1", ttl=30)
+        registry.put_policy("s08", {"balancing": "random"})
+        registry.remove_service("s09")
+        registry.register("new", "http://c:1")
+        after = registry.snapshot()
+        assert store.loads == loads  # no reload of the whole table
+        assert after.services["s10"] is before.services["s10"]  # untouched: the same object
+        assert [i.address for i in after.services["s07"].instances] == ["http://a:8",
+                                                                        "http://b:1"]
+        assert after.services["s08"].strategy == "random"
+        assert "s09" not in after.services and "new" in after.services
+        assert after.next_expiry is not None
+        assert list(after.names) == sorted(after.services)
+        # another process's writes reach it the same way
+        store.register(InstanceRecord(service="other", id=instance_id("http://d:1"),
+                                      address="http://d:1"))
+        registry.refresh()
+        assert "other" in registry.snapshot().services and store.loads == loads
+        assert before.services["s10"] is registry.snapshot().services["s10"]
+        assert "s09" in before.services  # an old snapshot never changes
+    finally:
+        registry.close()
