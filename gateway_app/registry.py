@@ -14,6 +14,8 @@ This is the seed's ``Arc<RwLock<HashMap>>`` made to work across gunicorn's proce
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import logging
 import os
@@ -30,7 +32,7 @@ from .clock import rfc3339
 from .errors import StoreUnavailable
 from .health import HealthTracker, InstanceHealth
 from .policies import DEFAULT_POLICY, Policy, compile_policy
-from .stores import InstanceRecord, Store, StoreError, StoreState
+from .stores import InstanceRecord, Store, StoreChanges, StoreError, StoreState
 from .validation import instance_id
 
 log = logging.getLogger("gateway.registry")
@@ -182,24 +184,21 @@ class Snapshot:
     #: registry yet: "no such service" cannot be told from it.
     loaded: bool = True
 
+    #: Service names in order, for the paginated listing.
+    names: tuple[str, ...] = ()
+
     @classmethod
     def from_state(cls, state: StoreState, health: HealthTracker | None = None,
                    default_strategy: str = "round_robin") -> Snapshot:
+        """The whole registry, from a full load."""
         health = health or HealthTracker()
         policies = {name: compile_policy(doc) for name, doc in state.policies.items()}
         grouped: dict[str, list[InstanceRecord]] = {}
-        for record in sorted(state.instances, key=lambda r: (r.service, r.registered_at, r.id)):
+        for record in state.instances:
             grouped.setdefault(record.service, []).append(record)
-        services = {}
-        for name, records in grouped.items():
-            policy = policies.get(name, DEFAULT_POLICY)
-            check = policy.health_check
-            instances = tuple(Instance(r, health.get(name, r.id), check is not None)
-                              for r in records)
-            services[name] = Service(
-                name, instances, strategy=policy.balancing or default_strategy,
-                health_check=check, schedule=smooth_schedule([i.weight for i in instances]),
-            )
+        services = {name: _service(name, records, policies.get(name, DEFAULT_POLICY), health,
+                                   default_strategy)
+                    for name, records in grouped.items()}
         health.keep_only({(r.service, r.id) for r in state.instances})
         expiries = [r.expires_at for r in state.instances if r.expires_at is not None]
         return cls(
@@ -208,7 +207,72 @@ class Snapshot:
             policies=policies,
             policy_docs=state.policies,
             next_expiry=min(expiries) if expiries else None,
+            names=tuple(sorted(services)),
         )
+
+    def apply(self, changes: StoreChanges, health: HealthTracker,
+              default_strategy: str = "round_robin") -> Snapshot:
+        """A new snapshot: this one with the services ``changes`` touched rebuilt, the others
+        shared as they are (their objects, their round-robin positions). Costs what changed,
+        plus copying the maps of references (C speed: about 0.1 ms for 10,000 services)."""
+        services = dict(self.services)
+        policies = dict(self.policies)
+        policy_docs = dict(self.policy_docs)
+        grouped: dict[str, list[InstanceRecord]] = {}
+        for record in changes.instances:
+            grouped.setdefault(record.service, []).append(record)
+        added, removed = [], []
+        for name in changes.services:
+            doc = changes.policies.get(name)
+            if doc is None:
+                policies.pop(name, None)
+                policy_docs.pop(name, None)
+            else:
+                policies[name] = compile_policy(doc)
+                policy_docs[name] = doc
+            old = services.get(name)
+            records = grouped.get(name)
+            if records:
+                services[name] = _service(name, records, policies.get(name, DEFAULT_POLICY),
+                                          health, default_strategy)
+                if old is None:
+                    added.append(name)
+            elif old is not None:
+                del services[name]
+                removed.append(name)
+            if old is not None:  # forget the health of instances that left
+                kept = {r.id for r in records or ()}
+                health.forget(name, [i.id for i in old.instances if i.id not in kept])
+        names = self.names
+        if added or removed:
+            ordered = list(names)
+            for name in removed:
+                del ordered[bisect.bisect_left(ordered, name)]
+            for name in added:
+                bisect.insort(ordered, name)
+            names = tuple(ordered)
+        # A bound, never later than the earliest lease: a lease renewed or removed leaves it
+        # early, and the watcher then asks the store for the true one (Registry.refresh).
+        expiries = [r.expires_at for r in changes.instances if r.expires_at is not None]
+        if self.next_expiry is not None:
+            expiries.append(self.next_expiry)
+        return Snapshot(
+            version=changes.version,
+            services=services,
+            policies=policies,
+            policy_docs=policy_docs,
+            next_expiry=min(expiries) if expiries else None,
+            names=names,
+        )
+
+
+def _service(name: str, records: list[InstanceRecord], policy: Policy, health: HealthTracker,
+             default_strategy: str) -> Service:
+    check = policy.health_check
+    ordered = sorted(records, key=lambda r: (r.registered_at, r.id))
+    instances = tuple(Instance(r, health.get(name, r.id), check is not None) for r in ordered)
+    return Service(name, instances, strategy=policy.balancing or default_strategy,
+                   health_check=check, schedule=smooth_schedule([i.weight for i in instances]))
 
 
 EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expiry=None,
@@ -285,15 +349,32 @@ class Registry:
         their write back through any other. Proxied requests use :meth:`snapshot`.
         """
         if self._call(self.store.version) != self._snapshot.version:
-            return self.reload()
+            return self.catch_up()
         return self.snapshot()
 
     # -- keeping the snapshot fresh --------------------------------------------------------
 
     def reload(self) -> Snapshot:
-        """Load the store's state and publish it as the current snapshot."""
+        """Load the store's whole state and publish it as the current snapshot."""
         with self._write_lock:
             return self._reload_locked()
+
+    def catch_up(self) -> Snapshot:
+        """Bring the snapshot up to the store's version, reading only what changed."""
+        with self._write_lock:
+            return self._catch_up_locked()
+
+    def _catch_up_locked(self) -> Snapshot:
+        snap = self._snapshot
+        if not snap.loaded:
+            return self._reload_locked()
+        changes = self._call(self.store.changes, snap.version)
+        if changes is None:  # too far behind, or the store lost its data: load it all
+            return self._reload_locked()
+        self._clock_offset = changes.now - time.time()
+        if changes.version != snap.version:
+            self._snapshot = snap.apply(changes, self.health, self.default_strategy)
+        return self._snapshot
 
     def _reload_locked(self) -> Snapshot:
         state = self._call(self.store.load)
@@ -352,12 +433,17 @@ class Registry:
     def refresh(self) -> None:
         """One watcher step: reload if another process wrote; purge lapsed leases when due."""
         snap = self._snapshot
-        if not snap.loaded or self._call(self.store.version) != snap.version:
+        if not snap.loaded:
             self.reload()
+        elif self._call(self.store.version) != snap.version:
+            self.catch_up()
         elif snap.next_expiry is not None and self.now() >= snap.next_expiry:
             with self._write_lock:
                 self._call(self.store.purge_expired)
-                self._reload_locked()
+                self._catch_up_locked()
+                # the earliest lease now (the snapshot's was a bound: renewals move it on)
+                self._snapshot = dataclasses.replace(
+                    self._snapshot, next_expiry=self._call(self.store.next_expiry))
 
     def close(self) -> None:
         """Stop the watcher and release the store."""
@@ -374,9 +460,11 @@ class Registry:
             raise StoreUnavailable(f"the registry store is unavailable: {exc}") from exc
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Commit through the store, then catch the snapshot up before answering (reading
+        what changed since it, this write and any other process's)."""
         with self._write_lock:
             result = self._call(fn, *args)
-            self._reload_locked()
+            self._catch_up_locked()
             return result
 
     def register(self, name: str, address: str, ttl: float | None = None, weight: int = 1,

@@ -23,10 +23,15 @@ Layout, under the prefix::
 
     version                 string   the change counter (INCR on every change)
     index                   set      "SERVICE/ID" of every instance
+    service:SERVICE         set      the ids of the service's instances
     instance:SERVICE/ID     hash     address, weight, metadata (JSON), ttl (seconds or ""),
                                      registered_at, expires_at (microseconds or ""), draining
     leases                  zset     "SERVICE/ID" scored by expires_at, for purges
     policies                hash     SERVICE -> policy JSON
+    changelog               zset     SERVICE scored by the version of its last change (the last
+                                     CHANGE_HISTORY versions), so a worker reads what changed
+    changelog_since         string   the version the change history starts from
+    layout                  string   "2" once the sets and history above are kept
     ratelimit:HASH          hash     tokens, ts: one client's token bucket, PEXPIREd when full
     changes                 channel  the new version, published by every change
 
@@ -38,7 +43,12 @@ changes something bumps ``version`` and publishes it on ``changes``; one that ch
 leaves both alone. When ``version`` does not exist (a new or wiped Redis) the first write sets
 it from the server clock in microseconds, so versions never repeat after a data loss.
 
-The scripts compute instance keys from the index, so Redis Cluster is not supported: use one
+Every write costs the same whatever the registry's size, and so does a worker catching up
+with it (``changes``): only a full load reads the index whole. All gateways on one prefix must
+run a release with the same layout: one of the older layout (before ``changelog``) writes
+without noting what changed, and a newer one seeing such a write last loads everything.
+
+The scripts compute keys from the prefix, so Redis Cluster is not supported: use one
 primary (with replicas and Sentinel for failover). Durability is Redis's: run it with
 ``appendonly yes`` (``appendfsync always`` for no loss at all on a crash) and
 ``maxmemory-policy noeviction``.
@@ -64,7 +74,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ..ratelimit import Decision
-from .base import InstanceRecord, Store, StoreError, StoreState
+from .base import CHANGE_HISTORY, InstanceRecord, Store, StoreChanges, StoreError, StoreState
 
 if TYPE_CHECKING:
     from ..config import RateLimit, Settings
@@ -82,6 +92,8 @@ BREAKER_SECONDS = 1.0
 RESUBSCRIBE_SECONDS = 1.0
 #: Seconds between two warnings about the same trouble.
 WARN_EVERY = 30.0
+#: Services changed since a worker's version above which it loads everything instead.
+MAX_INCREMENTAL_SERVICES = 1000
 #: Seconds an estimate of where the Redis clock stands is used before it is measured again.
 CLOCK_MAX_AGE = 10.0
 #: How fast the Redis clock and ours may drift apart (NTP slews by at most 500 ppm).
@@ -105,121 +117,143 @@ if now_us() > tonumber(ARGV[#ARGV]) then
 end
 """
 
-_COMMON = _DEADLINE + """
+# Every registry write script also starts with this. KEYS[1..6] are the same for all of them:
+# version, index, leases, policies, changelog, changelog_since; ARGV[1] is the key prefix and
+# ARGV[2] the notification channel.
+_COMMON = _DEADLINE + f"local HISTORY = {CHANGE_HISTORY}\n" + """
+local P = ARGV[1]
 local function fmt(n) return string.format('%.0f', n) end
-local function bump(vkey, channel)
-  local v = redis.call('INCR', vkey)
-  if v == 1 then
+-- A change: bump the version, note it for each service touched, publish it.
+local function bump(services)
+  local v = redis.call('INCR', KEYS[1])
+  if v == 1 then  -- a new or wiped registry: versions go on from the clock; a new history
     v = now_us()
-    redis.call('SET', vkey, fmt(v))
+    redis.call('SET', KEYS[1], fmt(v))
+    redis.call('DEL', KEYS[5])
+    redis.call('SET', KEYS[6], fmt(v - 1))
   end
-  redis.call('PUBLISH', channel, fmt(v))
+  for _, name in ipairs(services) do redis.call('ZADD', KEYS[5], fmt(v), name) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', fmt(v - HISTORY))
+  redis.call('PUBLISH', ARGV[2], fmt(v))
 end
 """
 
-# KEYS: version, index, leases, instance.
-# ARGV: member, address, weight, metadata, ttl, channel, deadline.
+# KEYS: common, instance, service set. ARGV: common, service, id, address, weight, metadata,
+# ttl, deadline.
 _REGISTER = _COMMON + """
+local member = ARGV[3] .. '/' .. ARGV[4]
 local now = now_us()
-local old = redis.call('HMGET', KEYS[4], 'registered_at', 'draining')
+local registered = redis.call('HGET', KEYS[7], 'registered_at')
 local created = 0
-local registered = old[1]
 if not registered then
   created = 1
   registered = fmt(now)
 end
 local expires = ''
-if ARGV[5] ~= '' then
-  expires = fmt(now + math.floor(tonumber(ARGV[5]) * 1000000 + 0.5))
-  redis.call('ZADD', KEYS[3], expires, ARGV[1])
+if ARGV[8] ~= '' then
+  expires = fmt(now + math.floor(tonumber(ARGV[8]) * 1000000 + 0.5))
+  redis.call('ZADD', KEYS[3], expires, member)
 else
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[3], member)
 end
-redis.call('HSET', KEYS[4], 'address', ARGV[2], 'weight', ARGV[3], 'metadata', ARGV[4],
-           'ttl', ARGV[5], 'registered_at', registered, 'expires_at', expires,
+redis.call('HSET', KEYS[7], 'address', ARGV[5], 'weight', ARGV[6], 'metadata', ARGV[7],
+           'ttl', ARGV[8], 'registered_at', registered, 'expires_at', expires,
            'draining', '0')
-redis.call('SADD', KEYS[2], ARGV[1])
-bump(KEYS[1], ARGV[6])
-return {created, redis.call('HGETALL', KEYS[4])}
+redis.call('SADD', KEYS[2], member)
+redis.call('SADD', KEYS[8], ARGV[4])
+bump({ARGV[3]})
+return {created, redis.call('HGETALL', KEYS[7])}
 """
 
-# KEYS: version, leases, instance. ARGV: member, channel, deadline.
+# KEYS: common, instance. ARGV: common, service, id, deadline.
 _HEARTBEAT = _COMMON + """
-local ttl = redis.call('HGET', KEYS[3], 'ttl')
+local ttl = redis.call('HGET', KEYS[7], 'ttl')
 if not ttl then return false end
 if ttl ~= '' then
   local expires = fmt(now_us() + math.floor(tonumber(ttl) * 1000000 + 0.5))
-  redis.call('HSET', KEYS[3], 'expires_at', expires)
-  redis.call('ZADD', KEYS[2], expires, ARGV[1])
-  bump(KEYS[1], ARGV[2])
+  redis.call('HSET', KEYS[7], 'expires_at', expires)
+  redis.call('ZADD', KEYS[3], expires, ARGV[3] .. '/' .. ARGV[4])
+  bump({ARGV[3]})
 end
-return redis.call('HGETALL', KEYS[3])
+return redis.call('HGETALL', KEYS[7])
 """
 
-# KEYS: version, index, leases, instance. ARGV: member, channel, deadline.
+# KEYS: common, instance, service set. ARGV: common, service, id, deadline.
 _REMOVE_INSTANCE = _COMMON + """
-local record = redis.call('HGETALL', KEYS[4])
+local record = redis.call('HGETALL', KEYS[7])
 if #record == 0 then return false end
-redis.call('DEL', KEYS[4])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-bump(KEYS[1], ARGV[2])
+local member = ARGV[3] .. '/' .. ARGV[4]
+redis.call('DEL', KEYS[7])
+redis.call('SREM', KEYS[2], member)
+redis.call('ZREM', KEYS[3], member)
+redis.call('SREM', KEYS[8], ARGV[4])
+bump({ARGV[3]})
 return record
 """
 
-# KEYS: version, index, leases. ARGV: "SERVICE/", instance key prefix, channel, deadline.
+# KEYS: common, service set. ARGV: common, service, deadline.
 _REMOVE_SERVICE = _COMMON + """
 local removed = {}
-local n = #ARGV[1]
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if string.sub(member, 1, n) == ARGV[1] then
-    local key = ARGV[2] .. member
-    removed[#removed + 1] = member
-    removed[#removed + 1] = redis.call('HGETALL', key)
-    redis.call('DEL', key)
-    redis.call('SREM', KEYS[2], member)
-    redis.call('ZREM', KEYS[3], member)
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[7])) do
+  local member = ARGV[3] .. '/' .. id
+  local key = P .. 'instance:' .. member
+  local record = redis.call('HGETALL', key)
+  if #record > 0 then
+    removed[#removed + 1] = id
+    removed[#removed + 1] = record
   end
-end
-if #removed > 0 then bump(KEYS[1], ARGV[3]) end
-return removed
-"""
-
-# KEYS: version, instance. ARGV: channel, "1" to drain or "0" to undo it, deadline.
-_SET_DRAINING = _COMMON + """
-local draining = redis.call('HGET', KEYS[2], 'draining')
-if not draining then return false end
-if draining ~= ARGV[2] then
-  redis.call('HSET', KEYS[2], 'draining', ARGV[2])
-  bump(KEYS[1], ARGV[1])
-end
-return redis.call('HGETALL', KEYS[2])
-"""
-
-# KEYS: version, index, leases. ARGV: instance key prefix, channel, deadline.
-_PURGE_EXPIRED = _COMMON + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', fmt(now_us()))
-for _, member in ipairs(due) do
-  redis.call('DEL', ARGV[1] .. member)
+  redis.call('DEL', key)
   redis.call('SREM', KEYS[2], member)
   redis.call('ZREM', KEYS[3], member)
 end
-if #due > 0 then bump(KEYS[1], ARGV[2]) end
+redis.call('DEL', KEYS[7])
+if #removed > 0 then bump({ARGV[3]}) end
+return removed
+"""
+
+# KEYS: common, instance. ARGV: common, service, "1" to drain or "0" to undo it, deadline.
+_SET_DRAINING = _COMMON + """
+local draining = redis.call('HGET', KEYS[7], 'draining')
+if not draining then return false end
+if draining ~= ARGV[4] then
+  redis.call('HSET', KEYS[7], 'draining', ARGV[4])
+  bump({ARGV[3]})
+end
+return redis.call('HGETALL', KEYS[7])
+"""
+
+# KEYS: common. ARGV: common, deadline.
+_PURGE_EXPIRED = _COMMON + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', fmt(now_us()))
+local services, seen = {}, {}
+for _, member in ipairs(due) do
+  local slash = string.find(member, '/', 1, true)
+  local service = string.sub(member, 1, slash - 1)
+  redis.call('DEL', P .. 'instance:' .. member)
+  redis.call('SREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('SREM', P .. 'service:' .. service, string.sub(member, slash + 1))
+  if not seen[service] then
+    seen[service] = true
+    services[#services + 1] = service
+  end
+end
+if #due > 0 then bump(services) end
 return #due
 """
 
-# KEYS: version, policies. ARGV: service, body, channel, deadline.
+# KEYS: common. ARGV: common, service, body, deadline.
 _PUT_POLICY = _COMMON + """
-if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-bump(KEYS[1], ARGV[3])
+if redis.call('HGET', KEYS[4], ARGV[3]) == ARGV[4] then return 0 end
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[4])
+bump({ARGV[3]})
 return 1
 """
 
-# KEYS: version, policies. ARGV: service, channel, deadline.
+# KEYS: common. ARGV: common, service, deadline.
 _DELETE_POLICY = _COMMON + """
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-bump(KEYS[1], ARGV[2])
+if redis.call('HDEL', KEYS[4], ARGV[3]) == 0 then return 0 end
+bump({ARGV[3]})
 return 1
 """
 
@@ -233,6 +267,57 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 return {redis.call('GET', KEYS[1]) or '0', t[1], t[2], instances,
         redis.call('HGETALL', KEYS[3])}
+"""
+
+# What changed after a version: {version, seconds, micros, known (0 or 1), names, instances
+# ("SERVICE/ID", fields, ...), policies (service, body, ...)}. Not known: a version older than
+# the history or newer than the store, a last write that left no note (a gateway of the
+# older layout), or more services than ARGV[3]: the caller loads everything.
+# KEYS: version, policies, changelog, changelog_since. ARGV: prefix, since, max services.
+_CHANGES = f"local HISTORY = {CHANGE_HISTORY}\n" + """
+local t = redis.call('TIME')
+local version = redis.call('GET', KEYS[1]) or '0'
+local v, since = tonumber(version), tonumber(ARGV[2])
+local floor = redis.call('GET', KEYS[4])
+if not floor or since < math.max(tonumber(floor), v - HISTORY) or since > v then
+  return {version, t[1], t[2], 0}
+end
+if since == v then return {version, t[1], t[2], 1, {}, {}, {}} end
+local top = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+if #top == 0 or tonumber(top[2]) ~= v then return {version, t[1], t[2], 0} end
+local names = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')
+if #names > tonumber(ARGV[3]) then return {version, t[1], t[2], 0} end
+local instances, policies = {}, {}
+for _, name in ipairs(names) do
+  for _, id in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'service:' .. name)) do
+    local record = redis.call('HGETALL', ARGV[1] .. 'instance:' .. name .. '/' .. id)
+    if #record > 0 then
+      instances[#instances + 1] = name .. '/' .. id
+      instances[#instances + 1] = record
+    end
+  end
+  local body = redis.call('HGET', KEYS[2], name)
+  if body then
+    policies[#policies + 1] = name
+    policies[#policies + 1] = body
+  end
+end
+return {version, t[1], t[2], 1, names, instances, policies}
+"""
+
+# Once per store, for a registry written by a gateway before the change history: a set of
+# instance ids per service, from the index, and the history starting at the current version.
+# KEYS: version, index, changelog_since, layout. ARGV: prefix.
+_UPGRADE = """
+if redis.call('GET', KEYS[4]) == '2' then return 0 end
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local slash = string.find(member, '/', 1, true)
+  redis.call('SADD', ARGV[1] .. 'service:' .. string.sub(member, 1, slash - 1),
+             string.sub(member, slash + 1))
+end
+redis.call('SET', KEYS[3], redis.call('GET', KEYS[1]) or '0')
+redis.call('SET', KEYS[4], '2')
+return 1
 """
 
 # The token bucket of ratelimit.SharedBuckets.take, on the Redis clock.
@@ -516,6 +601,13 @@ class RedisStore(Store):
         self._policies_key = p + "policies"
         self._instance_prefix = p + "instance:"
         self.channel = p + "changes"
+        self._service_prefix = p + "service:"
+        #: The keys every registry write script gets first (see ``_COMMON``).
+        self._keys = [self._version_key, self._index_key, self._leases_key, self._policies_key,
+                      p + "changelog", p + "changelog_since"]
+        self._layout_keys = [self._version_key, self._index_key, p + "changelog_since",
+                             p + "layout"]
+        self._layout_checked = False
         self._client = make_client(self.config)
         self._clock = ServerClock(self._client, self.config.socket_timeout)
         scripts = {name: self._client.register_script(text) for name, text in (
@@ -523,6 +615,7 @@ class RedisStore(Store):
             ("remove_instance", _REMOVE_INSTANCE), ("remove_service", _REMOVE_SERVICE),
             ("set_draining", _SET_DRAINING), ("purge_expired", _PURGE_EXPIRED),
             ("put_policy", _PUT_POLICY), ("delete_policy", _DELETE_POLICY), ("load", _LOAD),
+            ("changes", _CHANGES), ("upgrade", _UPGRADE),
         )}
         self._scripts = scripts
         self._sub_lock = threading.Lock()
@@ -535,16 +628,35 @@ class RedisStore(Store):
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a write script, with its deadline as the last argument."""
+    def _read(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a read-only script."""
         try:
-            return self._scripts[name](keys=keys, args=[*args, self._clock.deadline()])
+            self._check_layout()
+            return self._scripts[name](keys=keys, args=args)
+        except _REDIS_ERRORS as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
+
+    def _run(self, name: str, extra_keys: list[str], args: list[Any]) -> Any:
+        """Run a registry write script: the common keys and arguments first, its deadline
+        last."""
+        try:
+            self._check_layout()
+            return self._scripts[name](
+                keys=[*self._keys, *extra_keys],
+                args=[self.config.prefix, self.channel, *args, self._clock.deadline()])
         except _REDIS_ERRORS as exc:
             self._clock.forget()
             raise StoreError(f"{self.description}: {exc}") from exc
 
-    def _member(self, service: str, instance_id: str) -> str:
-        return f"{service}/{instance_id}"
+    def _check_layout(self) -> None:
+        """Once per store object: bring a registry written before the change history up to
+        the current layout (idempotent, atomic)."""
+        if not self._layout_checked:
+            self._scripts["upgrade"](keys=self._layout_keys, args=[self.config.prefix])
+            self._layout_checked = True
+
+    def _instance_key(self, service: str, instance_id: str) -> str:
+        return f"{self._instance_prefix}{service}/{instance_id}"
 
     def close(self) -> None:
         self._drop_subscription()
@@ -571,12 +683,9 @@ class RedisStore(Store):
         return int(value)
 
     def load(self) -> StoreState:
-        try:
-            version, seconds, micros, flat, policies = self._scripts["load"](
-                keys=[self._version_key, self._index_key, self._policies_key],
-                args=[self._instance_prefix])
-        except _REDIS_ERRORS as exc:
-            raise StoreError(f"{self.description}: {exc}") from exc
+        version, seconds, micros, flat, policies = self._read(
+            "load", [self._version_key, self._index_key, self._policies_key],
+            [self._instance_prefix])
         instances = tuple(_record(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)
                           if flat[i + 1])
         return StoreState(
@@ -587,60 +696,72 @@ class RedisStore(Store):
             now=int(seconds) + int(micros) / 1e6,
         )
 
+    def changes(self, since: int) -> StoreChanges | None:
+        answer = self._read("changes", [self._version_key, self._policies_key, self._keys[4],
+                                        self._keys[5]],
+                            [self.config.prefix, str(since), MAX_INCREMENTAL_SERVICES])
+        version, seconds, micros, known = answer[:4]
+        if not known:
+            return None
+        names, flat, policies = answer[4:]
+        return StoreChanges(
+            version=int(version),
+            services=frozenset(names),
+            instances=tuple(_record(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)),
+            policies={policies[i]: json.loads(policies[i + 1])
+                      for i in range(0, len(policies), 2)},
+            now=int(seconds) + int(micros) / 1e6,
+        )
+
+    def next_expiry(self) -> float | None:
+        try:
+            first = self._client.zrange(self._leases_key, 0, 0, withscores=True)
+        except _REDIS_ERRORS as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
+        return float(first[0][1]) / 1e6 if first else None
+
     # -- writes ----------------------------------------------------------------------------
 
     def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
-        member = self._member(record.service, record.id)
         created, flat = self._run(
             "register",
-            [self._version_key, self._index_key, self._leases_key, self._instance_prefix + member],
-            [member, record.address, str(int(record.weight)),
+            [self._instance_key(record.service, record.id), self._service_prefix + record.service],
+            [record.service, record.id, record.address, str(int(record.weight)),
              json.dumps(record.metadata, separators=(",", ":")),
-             "" if record.ttl is None else repr(float(record.ttl)), self.channel],
+             "" if record.ttl is None else repr(float(record.ttl))],
         )
-        return _record(member, flat), bool(created)
+        return _record(f"{record.service}/{record.id}", flat), bool(created)
 
     def heartbeat(self, service: str, instance_id: str) -> InstanceRecord | None:
-        member = self._member(service, instance_id)
-        flat = self._run("heartbeat",
-                         [self._version_key, self._leases_key, self._instance_prefix + member],
-                         [member, self.channel])
-        return _record(member, flat) if flat else None
+        flat = self._run("heartbeat", [self._instance_key(service, instance_id)],
+                         [service, instance_id])
+        return _record(f"{service}/{instance_id}", flat) if flat else None
 
     def remove_instance(self, service: str, instance_id: str) -> InstanceRecord | None:
-        member = self._member(service, instance_id)
-        flat = self._run(
-            "remove_instance",
-            [self._version_key, self._index_key, self._leases_key, self._instance_prefix + member],
-            [member, self.channel])
-        return _record(member, flat) if flat else None
+        flat = self._run("remove_instance", [self._instance_key(service, instance_id),
+                                             self._service_prefix + service],
+                         [service, instance_id])
+        return _record(f"{service}/{instance_id}", flat) if flat else None
 
     def remove_service(self, service: str) -> list[InstanceRecord]:
-        flat = self._run("remove_service",
-                         [self._version_key, self._index_key, self._leases_key],
-                         [service + "/", self._instance_prefix, self.channel])
-        removed = [_record(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        flat = self._run("remove_service", [self._service_prefix + service], [service])
+        removed = [_record(f"{service}/{flat[i]}", flat[i + 1]) for i in range(0, len(flat), 2)]
         return sorted(removed, key=lambda r: (r.registered_at, r.id))
 
     def set_draining(self, service: str, instance_id: str,
                      draining: bool = True) -> InstanceRecord | None:
-        member = self._member(service, instance_id)
-        flat = self._run("set_draining", [self._version_key, self._instance_prefix + member],
-                         [self.channel, "1" if draining else "0"])
-        return _record(member, flat) if flat else None
+        flat = self._run("set_draining", [self._instance_key(service, instance_id)],
+                         [service, "1" if draining else "0"])
+        return _record(f"{service}/{instance_id}", flat) if flat else None
 
     def purge_expired(self) -> int:
-        return int(self._run("purge_expired",
-                             [self._version_key, self._index_key, self._leases_key],
-                             [self._instance_prefix, self.channel]))
+        return int(self._run("purge_expired", [], []))
 
     def put_policy(self, service: str, policy: dict[str, Any]) -> None:
-        self._run("put_policy", [self._version_key, self._policies_key],
-                  [service, json.dumps(policy, separators=(",", ":")), self.channel])
+        self._run("put_policy", [], [service, json.dumps(policy, separators=(",", ":"))])
 
     def delete_policy(self, service: str) -> bool:
-        return bool(self._run("delete_policy", [self._version_key, self._policies_key],
-                              [service, self.channel]))
+        return bool(self._run("delete_policy", [], [service]))
 
     # -- change notifications --------------------------------------------------------------
 

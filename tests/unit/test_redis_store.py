@@ -103,7 +103,8 @@ def test_keys_live_under_the_prefix_and_versions_count_every_change(stores, spac
     assert store.version() == start + 3
     assert store.load().version == start + 3
     assert space.keys() == [space.prefix + k for k in (
-        "index", "instance:svc/i1", "leases", "policies", "version")]
+        "changelog", "changelog_since", "index", "instance:svc/i1", "layout", "leases",
+        "policies", "service:svc", "version")]
 
 
 def test_leases_run_on_the_redis_clock_not_the_node_clock(stores, space, monkeypatch):
