@@ -1,11 +1,11 @@
-# Everything a user types: make run | test | demo | bench | lint
+# Everything a user types: make run | test | demo | bench | bench-registry | lint
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test demo bench lint clean
+.PHONY: run test demo bench bench-registry lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	bash bench/run.sh
+
+bench-registry: $(STAMP)
+	$(BIN)/python -m bench.registry_scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -8,6 +8,7 @@ only: the caller's address must be in ``GATEWAY_ADMIN_ALLOW``, or it must presen
 
 from __future__ import annotations
 
+import bisect
 import hmac
 from typing import Any, NoReturn
 
@@ -41,6 +42,9 @@ from .validation import (
 
 #: Registry request bodies larger than this get 413.
 MAX_REGISTRY_BODY = 64 * 1024
+#: Services per page of ``GET /_gateway/services``: without ``limit``, and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 bp = Blueprint("admin", __name__)
 
@@ -179,10 +183,27 @@ def ready() -> tuple[Response, int]:
 
 @bp.get("/_gateway/services")
 def list_services() -> Response:
+    """One page of services in name order: ``?limit=`` (1 to :data:`MAX_PAGE`, default
+    :data:`DEFAULT_PAGE`) after the name ``?after=``; ``next`` is the cursor for the next
+    page, ``null`` on the last."""
+    limit_text = request.args.get("limit")
+    limit = DEFAULT_PAGE
+    if limit_text is not None:
+        if not limit_text.isascii() or not limit_text.isdigit() \
+                or not 1 <= int(limit_text) <= MAX_PAGE:
+            raise BadRequest(f"limit must be a whole number from 1 to {MAX_PAGE}")
+        limit = int(limit_text)
+    after = request.args.get("after")
+    if after is not None and not NAME_RE.match(after):
+        raise BadRequest("after must be a service name (the 'next' of the previous page)")
     registry = current_app.extensions["gateway"].registry
     snapshot = registry.current()
+    names = snapshot.names
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    page = names[start:start + limit]
     now = registry.now()
-    return jsonify(services=[snapshot.services[n].to_dict(now) for n in sorted(snapshot.services)])
+    return jsonify(services=[snapshot.services[n].to_dict(now) for n in page],
+                   next=page[-1] if start + limit < len(names) else None)
 
 
 @bp.get("/_gateway/services/<name>")
