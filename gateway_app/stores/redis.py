@@ -30,6 +30,7 @@ Layout, under the prefix::
     policies                hash     SERVICE -> policy JSON
     changelog               zset     SERVICE scored by the version of its last change (the last
                                      CHANGE_HISTORY versions), so a worker reads what changed
+    changelog_versions      zset     each of those versions, so a gap shows
     changelog_since         string   the version the change history starts from
     layout                  string   "2" once the sets and history above are kept
     ratelimit:HASH          hash     tokens, ts: one client's token bucket, PEXPIREd when full
@@ -46,7 +47,8 @@ it from the server clock in microseconds, so versions never repeat after a data 
 Every write costs the same whatever the registry's size, and so does a worker catching up
 with it (``changes``): only a full load reads the index whole. All gateways on one prefix must
 run a release with the same layout: one of the older layout (before ``changelog``) writes
-without noting what changed, and a newer one seeing such a write last loads everything.
+without noting what changed; a newer one sees the gap in ``changelog_versions`` and loads
+everything.
 
 The scripts compute keys from the prefix, so Redis Cluster is not supported: use one
 primary (with replicas and Sentinel for failover). Durability is Redis's: run it with
@@ -98,6 +100,10 @@ MAX_INCREMENTAL_SERVICES = 1000
 CLOCK_MAX_AGE = 10.0
 #: How fast the Redis clock and ours may drift apart (NTP slews by at most 500 ppm).
 CLOCK_DRIFT = 500e-6
+#: ``TIME`` round trips per measurement at most, and the uncertainty (half a round trip, in
+#: seconds) that ends it early.
+CLOCK_TRIES = 3
+CLOCK_GOOD_ENOUGH = 0.002
 #: Seconds a write's deadline falls before its caller gives up (its socket timeout), at most:
 #: room for the script's answer to come back in time.
 DEADLINE_MARGIN = 0.1
@@ -129,11 +135,15 @@ local function bump(services)
   if v == 1 then  -- a new or wiped registry: versions go on from the clock; a new history
     v = now_us()
     redis.call('SET', KEYS[1], fmt(v))
-    redis.call('DEL', KEYS[5])
+    redis.call('DEL', KEYS[5], P .. 'changelog_versions')
     redis.call('SET', KEYS[6], fmt(v - 1))
   end
   for _, name in ipairs(services) do redis.call('ZADD', KEYS[5], fmt(v), name) end
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', fmt(v - HISTORY))
+  -- every version noted: a version without a note (a write by a gateway of the older layout)
+  -- shows as a gap, and a worker then loads everything
+  redis.call('ZADD', P .. 'changelog_versions', fmt(v), fmt(v))
+  redis.call('ZREMRANGEBYSCORE', P .. 'changelog_versions', '-inf', fmt(v - HISTORY))
   redis.call('PUBLISH', ARGV[2], fmt(v))
 end
 """
@@ -271,8 +281,8 @@ return {redis.call('GET', KEYS[1]) or '0', t[1], t[2], instances,
 
 # What changed after a version: {version, seconds, micros, known (0 or 1), names, instances
 # ("SERVICE/ID", fields, ...), policies (service, body, ...)}. Not known: a version older than
-# the history or newer than the store, a last write that left no note (a gateway of the
-# older layout), or more services than ARGV[3]: the caller loads everything.
+# the history or newer than the store, a version since then that left no note (a write by a
+# gateway of the older layout), or more services than ARGV[3]: the caller loads everything.
 # KEYS: version, policies, changelog, changelog_since. ARGV: prefix, since, max services.
 _CHANGES = f"local HISTORY = {CHANGE_HISTORY}\n" + """
 local t = redis.call('TIME')
@@ -283,8 +293,8 @@ if not floor or since < math.max(tonumber(floor), v - HISTORY) or since > v then
   return {version, t[1], t[2], 0}
 end
 if since == v then return {version, t[1], t[2], 1, {}, {}, {}} end
-local top = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
-if #top == 0 or tonumber(top[2]) ~= v then return {version, t[1], t[2], 0} end
+local noted = redis.call('ZCOUNT', ARGV[1] .. 'changelog_versions', '(' .. ARGV[2], version)
+if noted ~= v - since then return {version, t[1], t[2], 0} end
 local names = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf')
 if #names > tonumber(ARGV[3]) then return {version, t[1], t[2], 0} end
 local instances, policies = {}, {}
@@ -544,14 +554,22 @@ class ServerClock:
         return str(int((now + offset + self._timeout - self._margin - uncertainty) * 1e6))
 
     def _measure(self) -> tuple[float, float, float]:
+        """The best of a few ``TIME`` round trips (a busy machine makes some slow, and a slow
+        one makes a deadline earlier than it need be)."""
         with self._lock:
-            before = time.monotonic()
-            seconds, micros = self._client.time()
-            after = time.monotonic()
-            estimate = (seconds + micros / 1e6 - (before + after) / 2, (after - before) / 2,
-                        after)
-            self._estimate = estimate
-            return estimate
+            best: tuple[float, float, float] | None = None
+            for _ in range(CLOCK_TRIES):
+                before = time.monotonic()
+                seconds, micros = self._client.time()
+                after = time.monotonic()
+                if best is None or (after - before) / 2 < best[1]:
+                    best = (seconds + micros / 1e6 - (before + after) / 2,
+                            (after - before) / 2, after)
+                if best[1] < CLOCK_GOOD_ENOUGH:
+                    break
+            assert best is not None
+            self._estimate = best
+            return best
 
     def forget(self) -> None:
         """Measure again before the next write (after an error: Redis may have failed over
