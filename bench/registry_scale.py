@@ -277,7 +277,10 @@ def run(kind: str, args: argparse.Namespace) -> None:
         errors = [line for line in log.splitlines() if re.search(r"Traceback|ERROR", line)]
         if errors:
             print("  gateway log:\n    " + "\n    ".join(errors[:10]))
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"  kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         if kind == "redis":
             import redis
 
@@ -295,6 +298,7 @@ def main() -> None:
     parser.add_argument("--registrations", type=int, default=100)
     parser.add_argument("--flood", type=int, default=50, help="registrations per second")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--keep", action="store_true", help="keep the gateway's log and data")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("registry_scale: needs wrk (apt-get install wrk)")
