@@ -281,6 +281,8 @@ EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expi
 #: Seconds between two attempts to reach a store that failed, at most (the wait doubles from
 #: the refresh interval up to this).
 MAX_RETRY_DELAY = 1.0
+#: Seconds :meth:`Registry.close` waits for the watcher to finish a store call.
+CLOSE_WAIT = 2.0
 
 
 class Registry:
@@ -307,6 +309,7 @@ class Registry:
         self._last_error = ""
         #: Store failures in a row: the watcher backs off while they last.
         self._failures = 0
+        self._thread: threading.Thread | None = None
         # A forked child must start its own watcher: threads do not survive fork.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _forget_watcher(ref))
@@ -395,6 +398,7 @@ class Registry:
                 pass  # the watcher retries
             thread = threading.Thread(target=self._watch, name="registry-watcher", daemon=True)
             thread.start()
+            self._thread = thread
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -446,8 +450,12 @@ class Registry:
                     self._snapshot, next_expiry=self._call(self.store.next_expiry))
 
     def close(self) -> None:
-        """Stop the watcher and release the store."""
+        """Stop the watcher (waiting a little for a store call it is in) and release the
+        store: closing the store under a call in flight made the watcher die with a trace."""
         self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_WAIT)
         self._watching = False
         self.store.close()
 
@@ -501,5 +509,6 @@ def _forget_watcher(ref: weakref.ref[Registry]) -> None:
     registry = ref()
     if registry is not None:
         registry._watching = False
+        registry._thread = None
         registry._write_lock = threading.Lock()
         registry._stop = threading.Event()

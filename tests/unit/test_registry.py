@@ -163,3 +163,26 @@ def test_a_write_updates_the_snapshot_incrementally():
         assert "s09" in before.services  # an old snapshot never changes
     finally:
         registry.close()
+
+
+def test_close_waits_for_the_watcher_before_closing_the_store():
+    events = []
+
+    class SlowStore(MemoryStore):
+        def version(self):
+            events.append("version")
+            time.sleep(0.2)
+            events.append("version done")
+            return super().version()
+
+        def close(self):
+            events.append("close")
+
+    registry = Registry(SlowStore(), refresh_interval=0.01)
+    deadline = time.monotonic() + 2
+    while "version" not in events[1:] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while events[-1] != "version" and time.monotonic() < deadline + 2:
+        time.sleep(0.005)  # until the watcher is inside a store call
+    registry.close()
+    assert events[-2:] == ["version done", "close"]
