@@ -75,7 +75,7 @@ class Gateway:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 return requests.get(self.url + "/_gateway/health", timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or a busy machine
                 return False
 
         wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
