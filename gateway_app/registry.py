@@ -469,10 +469,16 @@ class Registry:
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """Commit through the store, then catch the snapshot up before answering (reading
-        what changed since it, this write and any other process's)."""
+        what changed since it, this write and any other process's). Only the commit can
+        fail the write: once the store took it, it is acknowledged."""
         with self._write_lock:
             result = self._call(fn, *args)
-            self._catch_up_locked()
+            try:
+                self._catch_up_locked()
+            except StoreUnavailable as exc:
+                # Committed: the answer must say so. The watcher catches up when it can.
+                log.warning("a write was committed but could not be read back yet: %s",
+                            exc.description)
             return result
 
     def register(self, name: str, address: str, ttl: float | None = None, weight: int = 1,

@@ -186,3 +186,26 @@ def test_close_waits_for_the_watcher_before_closing_the_store():
         time.sleep(0.005)  # until the watcher is inside a store call
     registry.close()
     assert events[-2:] == ["version done", "close"]
+
+
+def test_a_committed_write_is_acknowledged_even_if_reading_it_back_fails():
+    """The store took the write: answering 503 because the snapshot could not be brought up
+    to date afterwards would be an error answer for a write that took effect."""
+    store = FlakyStore()
+    registry = Registry(store, refresh_interval=0.01)
+    try:
+        real_changes = store.changes
+
+        def changes_down(since):
+            raise StoreError("connection reset")
+
+        store.changes = changes_down
+        record, created = registry.register("svc", "http://a:1")  # no StoreUnavailable
+        assert created and record.service == "svc"
+        store.changes = real_changes
+        deadline = time.monotonic() + 2
+        while "svc" not in registry.snapshot().services and time.monotonic() < deadline:
+            time.sleep(0.01)  # the watcher catches up
+        assert "svc" in registry.snapshot().services
+    finally:
+        registry.close()
