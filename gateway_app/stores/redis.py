@@ -65,7 +65,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -96,6 +96,8 @@ RESUBSCRIBE_SECONDS = 1.0
 WARN_EVERY = 30.0
 #: Services changed since a worker's version above which it loads everything instead.
 MAX_INCREMENTAL_SERVICES = 1000
+#: Instances read per round trip by a full load.
+LOAD_BATCH = 500
 #: Seconds an estimate of where the Redis clock stands is used before it is measured again.
 CLOCK_MAX_AGE = 10.0
 #: How fast the Redis clock and ours may drift apart (NTP slews by at most 500 ppm).
@@ -701,6 +703,51 @@ class RedisStore(Store):
         return int(value)
 
     def load(self) -> StoreState:
+        """Everything, without holding Redis for long: the instances are read in batches
+        (``SSCAN`` and pipelined ``HGETALL``) from version V0 on, then the services changed
+        since V0 are read again in one script and replace what the batches saw of them. A
+        service no write touched meanwhile was read as it is; one that was touched comes from
+        that script: the result is the registry at one version. When the history cannot say
+        what changed since V0, one script reads it all (Redis is busy for that long)."""
+        try:
+            self._check_layout()
+            since = int(self._client.get(self._version_key) or 0)
+            seen: dict[str, Sequence[str]] = {}
+            for batch in self._index_batches():
+                pipe = self._client.pipeline(transaction=False)
+                for member in batch:
+                    pipe.hgetall(self._instance_prefix + member)
+                for member, fields in zip(batch, pipe.execute(), strict=True):
+                    if fields:
+                        seen[member] = [x for pair in fields.items() for x in pair]
+            policies = self._client.hgetall(self._policies_key)
+        except _REDIS_ERRORS as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
+        changed = self.changes(since)
+        if changed is None:
+            return self._load_at_once()
+        records = {(r.service, r.id): r for r in (_record(m, f) for m, f in seen.items())
+                   if r.service not in changed.services}
+        records.update(((r.service, r.id), r) for r in changed.instances)
+        docs: dict[str, dict[str, Any]] = {
+            str(name): json.loads(body) for name, body in policies.items()
+            if name not in changed.services}
+        docs.update(changed.policies)
+        return StoreState(version=changed.version, instances=tuple(records.values()),
+                          policies=docs, now=changed.now)
+
+    def _index_batches(self) -> Iterator[list[str]]:
+        """The index's members, :data:`LOAD_BATCH` at a time (``SSCAN``: a member present
+        throughout is returned at least once)."""
+        cursor = 0
+        while True:
+            cursor, members = self._client.sscan(self._index_key, cursor, count=LOAD_BATCH)
+            if members:
+                yield [str(m) for m in members]
+            if cursor == 0:
+                return
+
+    def _load_at_once(self) -> StoreState:
         version, seconds, micros, flat, policies = self._read(
             "load", [self._version_key, self._index_key, self._policies_key],
             [self._instance_prefix])

@@ -618,3 +618,41 @@ def test_a_registry_of_the_older_layout_is_upgraded_and_its_writes_are_not_misse
     old.sadd(p + "index", "other/o1")
     store.register(rec("i3"))
     assert store.changes(since) is None  # cannot say: the caller loads everything
+
+
+def test_a_full_load_in_batches_is_one_version_even_with_writes_between_batches(
+        stores, space, monkeypatch):
+    from gateway_app.stores import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "LOAD_BATCH", 2)
+    writer = stores()
+    for n in range(12):
+        writer.register(rec(f"i{n}", service=f"s{n % 4}", ttl=600))
+    writer.put_policy("s0", {"auth": "none"})
+
+    class Interrupted(RedisStore):
+        def _index_batches(self):
+            for number, batch in enumerate(super()._index_batches()):
+                yield batch
+                if number == 1:  # another node writes while this one reads
+                    writer.remove_service("s1")
+                    writer.register(rec("late", service="s2"))
+                    writer.register(rec("i0", service="s0", weight=7))
+                    writer.delete_policy("s0")
+                    writer.put_policy("s3", {"auth": "none"})
+
+    reader = Interrupted(space.url)
+    try:
+        batched = reader.load()
+    finally:
+        reader.close()
+    at_once = writer._load_at_once()
+
+    def key(state):
+        return sorted((r.service, r.id, r.weight) for r in state.instances)
+
+    assert batched.version == at_once.version
+    assert key(batched) == key(at_once)
+    assert batched.policies == at_once.policies == {"s3": {"auth": "none"}}
+    assert ("s2", "late", 1) in key(batched) and not any(r.service == "s1"
+                                                         for r in batched.instances)
