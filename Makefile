@@ -1,11 +1,11 @@
-# Everything a user types: make run | test | test-unit | check | demo | bench | lint
+# Everything a user types: make run | test | test-unit | check | demo | bench | bench-slow | bench-registry | lint
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test test-unit check demo bench bench-slow lint clean
+.PHONY: run test test-unit check demo bench bench-slow bench-registry lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench: $(STAMP)
 
 bench-slow: $(STAMP)
 	$(BIN)/python bench/slow_clients.py $(BENCH_SLOW_ARGS)
+
+bench-registry: $(STAMP)
+	$(BIN)/python -m bench.registry_scale $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

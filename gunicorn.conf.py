@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import secrets
+import signal
 import socket
 import sys
 
@@ -18,6 +19,8 @@ from gunicorn.util import is_ipv6, parse_address
 
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
 from gateway_app.ratelimit import SharedBuckets
+from gateway_app.stores import StoreError
+from gateway_app.stores import sqlite as sqlite_store
 from gateway_app.workers import FREE, ConnectionBoard
 
 # One name for this gateway in the Via header it adds, shared by all its workers (they inherit
@@ -131,8 +134,8 @@ def _raise_open_files(server):
 
 
 def on_starting(server):
-    """Create what all workers share once, before they fork: the generated JWT secret and an
-    empty rate-limit table."""
+    """Create what all workers share once, before they fork: the generated JWT secret, an
+    empty rate-limit table, and the SQLite store's file (schema, WAL mode)."""
     if server.cfg.reuse_port:
         _check_bind_free(server)
     _raise_open_files(server)
@@ -141,6 +144,12 @@ def on_starting(server):
             read_or_create_secret(_settings)
         except ConfigError as exc:
             server.log.error("configuration error: %s", exc)
+            sys.exit(2)
+    if _settings.store.startswith("sqlite:///"):
+        try:
+            sqlite_store.prepare(_settings.store[len("sqlite:///"):])
+        except StoreError as exc:
+            server.log.error("GATEWAY_STORE: cannot prepare the registry: %s", exc)
             sys.exit(2)
     SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
     store = re.sub(r"//[^/@]*@", "//***@", _settings.store)  # no password in the log
@@ -182,16 +191,32 @@ def child_exit(server, worker):
         worker.gateway_board.counts[worker.gateway_slot] = FREE
 
 
+def _gateway_state(worker):
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("gateway")
+
+
 def post_worker_init(worker):
-    """The objects made while loading the app live as long as the worker: move them out of
-    the garbage collector's sight, so a full collection stops the worker's threads for well
-    under a millisecond instead of about 20 (measured in process)."""
+    """Readiness turns 503 the moment the worker is told to stop gracefully (SIGTERM), before
+    gunicorn's own handler stops it taking connections; then the objects made while loading
+    the app, which live as long as the worker, are moved out of the garbage collector's sight,
+    so a full collection stops the worker's threads for well under a millisecond instead of
+    about 20 (measured in process)."""
+    state = _gateway_state(worker)
+    previous = signal.getsignal(signal.SIGTERM)
+    if state is not None and callable(previous):
+        def stopping(signum, frame):
+            state.begin_shutdown()
+            previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, stopping)
+        signal.siginterrupt(signal.SIGTERM, False)  # as gunicorn set it
     gc.freeze()
 
 
 def worker_exit(server, worker):
-    """Stop a worker's background threads (registry watcher, health checker) cleanly."""
-    app = getattr(worker, "wsgi", None)
-    state = getattr(app, "extensions", {}).get("gateway")
+    """Stop a worker's background threads (registry watcher, health checker) cleanly; it
+    says "not ready" first."""
+    state = _gateway_state(worker)
     if state is not None:
         state.close()

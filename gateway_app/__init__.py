@@ -46,8 +46,22 @@ class GatewayState:
     checker: ActiveChecker
     #: This gateway's name in the ``Via`` header of every forwarded request.
     pseudonym: str
+    #: Set when this worker begins to stop (SIGTERM, or its exit): ``/_gateway/ready`` then
+    #: answers 503, before anything is closed.
+    stopping: bool = False
+
+    def begin_shutdown(self) -> None:
+        """Say "not ready" from now on; requests in flight and queued ones are still served."""
+        self.stopping = True
+
+    def not_ready_reason(self) -> str | None:
+        """Why this worker should not be sent new requests, or ``None`` when it is ready."""
+        if self.stopping:
+            return "this worker is shutting down"
+        return self.registry.not_ready_reason()
 
     def close(self) -> None:
+        self.begin_shutdown()
         accesslog.flush()
         self.checker.stop()
         self.registry.close()

@@ -1,13 +1,14 @@
 """The registry API blueprint: the seed's ``/register_service`` and ``/deregister_service``,
 and the REST forms under ``/_gateway/``.
 
-Every route but ``/_gateway/health`` is for operators and services only: the caller's address
-must be in ``GATEWAY_ADMIN_ALLOW``, or it must present ``GATEWAY_ADMIN_TOKEN`` as a bearer
-token. Anyone else gets 401 and nothing changes.
+Every route but ``/_gateway/health`` and ``/_gateway/ready`` is for operators and services
+only: the caller's address must be in ``GATEWAY_ADMIN_ALLOW``, or it must present
+``GATEWAY_ADMIN_TOKEN`` as a bearer token. Anyone else gets 401 and nothing changes.
 """
 
 from __future__ import annotations
 
+import bisect
 import hmac
 from typing import Any, NoReturn
 
@@ -41,8 +42,14 @@ from .validation import (
 
 #: Registry request bodies larger than this get 413.
 MAX_REGISTRY_BODY = 64 * 1024
+#: Services per page of ``GET /_gateway/services``: without ``limit``, and at most.
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 bp = Blueprint("admin", __name__)
+
+#: Routes open to anyone: liveness and readiness, for load balancers and orchestrators.
+OPEN_ENDPOINTS = frozenset({"admin.health", "admin.ready"})
 
 
 @bp.before_request
@@ -50,7 +57,7 @@ def authorise() -> None:
     """An admin-allowed client address, or the admin token; 401 otherwise. A request relayed
     for someone else (by the gateway itself, or by any proxy that is not a trusted one and
     says so in ``Via`` or ``X-Forwarded-*``) never counts as coming from its relay's address."""
-    if request.endpoint == "admin.health":
+    if request.endpoint in OPEN_ENDPOINTS:
         return
     gw = current_app.extensions["gateway"]
     settings = gw.settings
@@ -161,15 +168,43 @@ def deregister() -> Response:
 
 @bp.get("/_gateway/health")
 def health() -> Response:
+    """Liveness: the worker answers. Never touches the store or an upstream."""
     return jsonify(status="ok")
+
+
+@bp.get("/_gateway/ready")
+def ready() -> tuple[Response, int]:
+    """Readiness of the worker that answers: 200 once it has loaded the registry, 503 with the
+    reason before that and from the moment it begins to stop."""
+    reason = current_app.extensions["gateway"].not_ready_reason()
+    if reason is None:
+        return jsonify(status="ready"), 200
+    return jsonify(status="not_ready", reason=reason), 503
 
 
 @bp.get("/_gateway/services")
 def list_services() -> Response:
+    """One page of services in name order: ``?limit=`` (1 to :data:`MAX_PAGE`, default
+    :data:`DEFAULT_PAGE`) after the name ``?after=``; ``next`` is the cursor for the next
+    page, ``null`` on the last."""
+    limit_text = request.args.get("limit")
+    limit = DEFAULT_PAGE
+    if limit_text is not None:
+        if not limit_text.isascii() or not limit_text.isdigit() \
+                or not 1 <= int(limit_text) <= MAX_PAGE:
+            raise BadRequest(f"limit must be a whole number from 1 to {MAX_PAGE}")
+        limit = int(limit_text)
+    after = request.args.get("after")
+    if after is not None and not NAME_RE.match(after):
+        raise BadRequest("after must be a service name (the 'next' of the previous page)")
     registry = current_app.extensions["gateway"].registry
     snapshot = registry.current()
+    names = snapshot.names
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    page = names[start:start + limit]
     now = registry.now()
-    return jsonify(services=[snapshot.services[n].to_dict(now) for n in sorted(snapshot.services)])
+    return jsonify(services=[snapshot.services[n].to_dict(now) for n in page],
+                   next=page[-1] if start + limit < len(names) else None)
 
 
 @bp.get("/_gateway/services/<name>")
@@ -217,6 +252,12 @@ def heartbeat(name: str, instance: str) -> Response:
 @bp.put("/_gateway/services/<name>/instances/<instance>/drain")
 def drain(name: str, instance: str) -> Response:
     return _instance_write(name, instance, "drain")
+
+
+@bp.delete("/_gateway/services/<name>/instances/<instance>/drain")
+def undrain(name: str, instance: str) -> Response:
+    """Undo a drain: the instance takes new traffic again (harmless when not draining)."""
+    return _instance_write(name, instance, "undrain")
 
 
 # -- policies ------------------------------------------------------------------------------

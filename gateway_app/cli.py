@@ -94,13 +94,21 @@ def cmd_deregister(args: argparse.Namespace) -> None:
 
 
 def cmd_services(args: argparse.Namespace) -> None:
-    body = _call(args, "GET", "/_gateway/services")
+    services: list[dict[str, Any]] = []
+    cursor = None
+    while True:  # every page of the listing
+        params = {"limit": 1000, **({"after": cursor} if cursor else {})}
+        body = _call(args, "GET", "/_gateway/services", params=params)
+        services += body["services"]
+        cursor = body.get("next")
+        if not cursor:
+            break
     if args.json:
-        print(json.dumps(body, indent=2))
+        print(json.dumps({"services": services}, indent=2))
         return
-    if not body["services"]:
+    if not services:
         print("no services registered")
-    for service in body["services"]:
+    for service in services:
         print(service["name"])
         for inst in service["instances"]:
             lease = f"expires {inst['expires_at']}" if inst["expires_at"] else "no lease"

@@ -103,6 +103,14 @@ class StoreUnavailable(GatewayError):
     description = "The registry store is unavailable; try again."
 
 
+class RegistryNotReady(GatewayError):
+    """This worker has not loaded the registry yet (its store did not answer at start): it
+    cannot tell whether the service exists, so it says neither yes nor no."""
+
+    code, error = 503, "registry_not_ready"
+    description = "The gateway has not loaded its registry yet; try again."
+
+
 class GatewayTimeout(GatewayError):
     code, error = 504, "gateway_timeout"
     description = "The upstream service did not answer in time."

@@ -89,6 +89,13 @@ class HealthTracker:
                 entry = self._entries.setdefault(key, InstanceHealth())
         return entry
 
+    def forget(self, service: str, instance_ids: list[str]) -> None:
+        """Forget instances of ``service`` that left the registry."""
+        if instance_ids:
+            with self._lock:
+                for instance_id in instance_ids:
+                    self._entries.pop((service, instance_id), None)
+
     def keep_only(self, keys: set[tuple[str, str]]) -> None:
         """Forget instances that left the registry (the state stays bounded)."""
         with self._lock:

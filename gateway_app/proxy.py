@@ -29,6 +29,7 @@ from .errors import (
     NoHealthyInstance,
     PayloadTooLarge,
     RateLimited,
+    RegistryNotReady,
     ServiceNotFound,
     Unauthorized,
     error_response,
@@ -95,8 +96,10 @@ def find_policy() -> None:
     """The service's policy, for the service segment exactly as sent (public or not, its limit,
     its prefix handling): one snapshot read."""
     view = g.view
-    policy = current_app.extensions["gateway"].registry.snapshot().policies.get(
-        view.service, DEFAULT_POLICY)
+    snapshot = current_app.extensions["gateway"].registry.snapshot()
+    if not snapshot.loaded:  # a worker whose store has not answered yet: not a 404
+        raise RegistryNotReady(headers={"Retry-After": "1"})
+    policy = snapshot.policies.get(view.service, DEFAULT_POLICY)
     view.policy = policy
     view.public = policy.public
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .base import InstanceRecord, Store, StoreError, StoreState
+from .base import InstanceRecord, Store, StoreChanges, StoreError, StoreState
 
-__all__ = ["InstanceRecord", "Store", "StoreError", "StoreState", "open_store"]
+__all__ = ["InstanceRecord", "Store", "StoreChanges", "StoreError", "StoreState", "open_store"]
 
 
 def open_store(url: str) -> Store:

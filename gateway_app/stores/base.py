@@ -2,6 +2,9 @@
 
 A store keeps instance records and service policies, and a change counter (``version``) that
 moves on every committed write, so a worker can tell cheaply whether its snapshot is stale.
+It also notes which service each write touched, so a worker that is behind reads only what
+changed (:meth:`Store.changes`), not the whole registry: a write costs the same with ten
+services or ten thousand.
 Stores own the clock for leases: ``expires_at`` is computed by the store when it commits, so
 several processes (or, with Redis, several machines) agree on when a lease lapses.
 
@@ -51,6 +54,26 @@ class StoreState:
     now: float
 
 
+@dataclass(frozen=True, slots=True)
+class StoreChanges:
+    """What changed after a version, read in one consistent go: the services touched (an
+    instance or the policy added, changed or removed) and their whole state now."""
+
+    version: int
+    #: Names of the services touched since the version asked about.
+    services: frozenset[str]
+    #: Every instance of those services now (none for a service that is gone).
+    instances: tuple[InstanceRecord, ...]
+    #: The policy of each of those services that has one now.
+    policies: dict[str, dict[str, Any]]
+    #: The store's clock when the changes were read.
+    now: float
+
+
+#: Versions of change history a store keeps: a worker further behind loads everything.
+CHANGE_HISTORY = 10_000
+
+
 class Store(ABC):
     """What the registry needs from a store. Implementations must be safe across threads."""
 
@@ -66,8 +89,18 @@ class Store(ABC):
         """All instances and policies, with the version they belong to."""
 
     @abstractmethod
+    def changes(self, since: int) -> StoreChanges | None:
+        """What changed after version ``since``; ``None`` when the store cannot say (a version
+        it does not know, or older than its history): the caller then loads everything."""
+
+    @abstractmethod
+    def next_expiry(self) -> float | None:
+        """The earliest lease expiry of any instance (``None`` without leases); cheap."""
+
+    @abstractmethod
     def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
-        """Insert or update an instance; keeps ``registered_at`` of an existing one.
+        """Insert or update an instance; keeps ``registered_at`` of an existing one, and
+        undoes a drain (re-registering brings an instance back).
 
         The lease (``expires_at``) is set from ``record.ttl`` by the store's clock.
         Returns the stored record and whether it was new.
@@ -86,8 +119,11 @@ class Store(ABC):
         """Remove all instances of a service; the removed ones (empty when none)."""
 
     @abstractmethod
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
-        """Mark an instance as draining; ``None`` when there is no such instance."""
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
+        """Mark an instance as draining (or, with ``draining=False``, take it back into
+        rotation); ``None`` when there is no such instance. Setting what is already set
+        changes nothing (the version stays)."""
 
     @abstractmethod
     def purge_expired(self) -> int:

@@ -3,7 +3,11 @@
 WAL mode lets the workers read while one writes; ``synchronous=FULL`` makes a commit durable
 before the registry answers 2xx, so an acknowledged write survives ``kill -9`` and power loss.
 Each write runs in ``BEGIN IMMEDIATE`` (one writer at a time across processes, waiting up to
-the busy timeout) and bumps the ``version`` row in the same transaction.
+the busy timeout), bumps the ``version`` row in the same transaction, and sets the version of
+each service it touched in ``changes`` (one row per service, indexed by version), so a worker
+reads only what changed after its snapshot. Rows older than :data:`CHANGE_HISTORY` versions
+are dropped; ``changes_since`` is the version the history starts from (the version when the
+table was made, for a file older than it).
 
 Connections are per process: one is opened lazily after ``fork`` and never inherited.
 """
@@ -20,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .base import InstanceRecord, Store, StoreError, StoreState
+from .base import CHANGE_HISTORY, InstanceRecord, Store, StoreChanges, StoreError, StoreState
 
 T = TypeVar("T")
 
@@ -49,9 +53,64 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);
+CREATE TABLE IF NOT EXISTS changes (
+    service TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_version ON changes (version);
+INSERT OR IGNORE INTO meta (key, value)
+    SELECT 'changes_since', value FROM meta WHERE key = 'version';
+CREATE INDEX IF NOT EXISTS instances_by_expiry ON instances (expires_at)
+    WHERE expires_at IS NOT NULL;
 """
 
 _COLUMNS = "service, id, address, weight, metadata, ttl, registered_at, expires_at, draining"
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def _is_prepared(conn: sqlite3.Connection) -> bool:
+    """WAL mode set and the schema there: reads only."""
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        return False
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index'"
+                        " AND name = 'instances_by_expiry'").fetchone() is not None
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    """Set WAL mode and create the schema (idempotent; takes the write lock)."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def prepare(path: str | Path) -> None:
+    """Create the database file, its schema and WAL mode, once, before any worker opens it
+    (gunicorn's ``on_starting``, in the master): workers then never write to start, so a
+    busy database cannot leave one without its registry. Raises :class:`StoreError`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _open(path)
+        try:
+            _create(conn)
+        finally:
+            conn.close()
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"sqlite store {path}: {exc}") from exc
 
 
 def _record(row: tuple) -> InstanceRecord:
@@ -74,22 +133,15 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("BEGIN IMMEDIATE")
+            conn = _open(self.path)
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("COMMIT")
+                # Under gunicorn the master made the file (prepare(), before forking): a
+                # worker only reads here, so another process's write cannot make it fail.
+                # Alone (tests, a single process), the first connection makes it.
+                if not _is_prepared(conn):
+                    _create(conn)
             except BaseException:
-                conn.execute("ROLLBACK")
+                conn.close()
                 raise
             self._conn, self._pid = conn, os.getpid()
         return self._conn
@@ -102,17 +154,26 @@ class SQLiteStore(Store):
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that bumps the version; rolled back whole on any error."""
+    def _write(self) -> Iterator[tuple[sqlite3.Connection, set[str]]]:
+        """A write transaction: the block adds the services it touches to the set it is
+        given; then the version is bumped and noted for each of them. Rolled back whole on
+        any error, and quietly on :class:`_NoChange`."""
         with self._lock:
             try:
                 conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"sqlite store {self.path}: {exc}") from exc
+            touched: set[str] = set()
             try:
-                yield conn
+                yield conn, touched
                 conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'version'")
+                version = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+                conn.executemany("INSERT OR REPLACE INTO changes (service, version) VALUES (?, ?)",
+                                 [(name, version) for name in touched])
+                conn.execute("DELETE FROM changes WHERE version <= ?",
+                             (version - CHANGE_HISTORY,))
                 conn.execute("COMMIT")
             except _NoChange:
                 conn.execute("ROLLBACK")
@@ -155,27 +216,62 @@ class SQLiteStore(Store):
 
         return self._run(read)
 
+    def changes(self, since: int) -> StoreChanges | None:
+        def read(conn: sqlite3.Connection) -> StoreChanges | None:
+            conn.execute("BEGIN")
+            try:
+                meta = dict(conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('version', 'changes_since')"))
+                version = meta["version"]
+                floor = max(meta["changes_since"], version - CHANGE_HISTORY)
+                if not floor <= since <= version:
+                    return None
+                names = [n for (n,) in conn.execute(
+                    "SELECT service FROM changes WHERE version > ?", (since,))]
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM instances WHERE service IN"
+                    " (SELECT service FROM changes WHERE version > ?)", (since,)).fetchall()
+                policies = conn.execute(
+                    "SELECT service, body FROM policies WHERE service IN"
+                    " (SELECT service FROM changes WHERE version > ?)", (since,)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return StoreChanges(
+                version=version,
+                services=frozenset(names),
+                instances=tuple(_record(r) for r in rows),
+                policies={n: json.loads(b) for n, b in policies},
+                now=time.time(),
+            )
+
+        return self._run(read)
+
+    def next_expiry(self) -> float | None:
+        return self._run(lambda c: c.execute(  # the index's first entry
+            "SELECT MIN(expires_at) FROM instances WHERE expires_at IS NOT NULL").fetchone()[0])
+
     # -- writes ----------------------------------------------------------------------------
 
     def register(self, record: InstanceRecord) -> tuple[InstanceRecord, bool]:
         now = time.time()
         expires_at = now + record.ttl if record.ttl is not None else None
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(record.service)
             old = conn.execute(
-                "SELECT registered_at, draining FROM instances WHERE service = ? AND id = ?",
+                "SELECT registered_at FROM instances WHERE service = ? AND id = ?",
                 (record.service, record.id),
             ).fetchone()
-            registered_at, draining = old if old else (now, 0)
+            registered_at = old[0] if old else now
             conn.execute(
                 f"INSERT OR REPLACE INTO instances ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
                 (record.service, record.id, record.address, record.weight,
                  json.dumps(record.metadata, separators=(",", ":")), record.ttl,
-                 registered_at, expires_at, draining),
+                 registered_at, expires_at, 0),
             )
         stored = InstanceRecord(
             service=record.service, id=record.id, address=record.address, weight=record.weight,
             metadata=record.metadata, ttl=record.ttl, registered_at=registered_at,
-            expires_at=expires_at, draining=bool(draining),
+            expires_at=expires_at, draining=False,
         )
         return stored, old is None
 
@@ -188,7 +284,8 @@ class SQLiteStore(Store):
 
     def heartbeat(self, service: str, instance_id: str) -> InstanceRecord | None:
         found = None
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(service)
             conn.execute(
                 "UPDATE instances SET expires_at = ? + ttl"
                 " WHERE service = ? AND id = ? AND ttl IS NOT NULL",
@@ -201,7 +298,8 @@ class SQLiteStore(Store):
 
     def remove_instance(self, service: str, instance_id: str) -> InstanceRecord | None:
         found = None
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(service)
             found = self._get(conn, service, instance_id)
             if found is None:
                 raise _NoChange
@@ -211,7 +309,8 @@ class SQLiteStore(Store):
 
     def remove_service(self, service: str) -> list[InstanceRecord]:
         removed: list[InstanceRecord] = []
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(service)
             rows = conn.execute(f"SELECT {_COLUMNS} FROM instances WHERE service = ?",
                                 (service,)).fetchall()
             removed = [_record(r) for r in rows]
@@ -220,35 +319,44 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM instances WHERE service = ?", (service,))
         return removed
 
-    def set_draining(self, service: str, instance_id: str) -> InstanceRecord | None:
+    def set_draining(self, service: str, instance_id: str,
+                     draining: bool = True) -> InstanceRecord | None:
         found = None
-        with self._write() as conn:
-            conn.execute("UPDATE instances SET draining = 1 WHERE service = ? AND id = ?",
-                         (service, instance_id))
+        with self._write() as (conn, touched):
+            touched.add(service)
+            changed = conn.execute(
+                "UPDATE instances SET draining = ? WHERE service = ? AND id = ? AND draining != ?",
+                (int(draining), service, instance_id, int(draining))).rowcount
             found = self._get(conn, service, instance_id)
-            if found is None:
+            if not changed:
                 raise _NoChange
         return found
 
     def purge_expired(self) -> int:
         count = 0
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            now = time.time()
+            touched.update(n for (n,) in conn.execute(
+                "SELECT DISTINCT service FROM instances"
+                " WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)))
+            if not touched:
+                raise _NoChange
             count = conn.execute(
                 "DELETE FROM instances WHERE expires_at IS NOT NULL AND expires_at <= ?",
-                (time.time(),),
+                (now,),
             ).rowcount
-            if not count:
-                raise _NoChange
         return count
 
     def put_policy(self, service: str, policy: dict[str, Any]) -> None:
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(service)
             conn.execute("INSERT OR REPLACE INTO policies (service, body) VALUES (?, ?)",
                          (service, json.dumps(policy, separators=(",", ":"))))
 
     def delete_policy(self, service: str) -> bool:
         found = False
-        with self._write() as conn:
+        with self._write() as (conn, touched):
+            touched.add(service)
             found = conn.execute("DELETE FROM policies WHERE service = ?",
                                  (service,)).rowcount > 0
             if not found:

@@ -165,6 +165,31 @@ def test_drain_lets_in_flight_requests_finish(start_gateway, upstreams, auth):
     assert slow["response"].json()["port"] == one.port
 
 
+def test_a_drain_is_undone_by_re_registering_or_by_deleting_it(start_gateway, upstreams, auth):
+    gateway = start_gateway(GATEWAY_WORKERS=2)
+    (one,) = upstreams(1)
+    instance = gateway.register("svc", one.address).json()["instance"]
+    gateway.wait_routable("/svc/", auth)
+    drain_url = f"{gateway.url}/_gateway/services/svc/instances/{instance['id']}/drain"
+    assert requests.put(drain_url, timeout=5).json()["health"] == "draining"
+    gateway.wait_routable("/svc/", auth, 503)
+
+    again = gateway.register("svc", one.address)  # the README: re-registration brings it back
+    assert again.status_code == 200
+    assert again.json()["instance"]["health"] != "draining"
+    gateway.wait_routable("/svc/", auth, 200)  # on every worker, within a second
+
+    assert requests.put(drain_url, timeout=5).json()["health"] == "draining"
+    gateway.wait_routable("/svc/", auth, 503)
+    undone = requests.delete(drain_url, timeout=5)
+    assert undone.status_code == 200
+    assert undone.json()["id"] == instance["id"] and undone.json()["health"] != "draining"
+    gateway.wait_routable("/svc/", auth, 200)
+    assert requests.delete(drain_url, timeout=5).status_code == 200  # not draining: harmless
+    missing = requests.delete(drain_url.replace(instance["id"], "0" * 16), timeout=5)
+    assert (missing.status_code, missing.json()["error"]) == (404, "instance_not_found")
+
+
 def test_lease_lapse_moves_traffic_to_the_other_instance(start_gateway, upstreams, auth):
     gateway = start_gateway()
     leased, steady = upstreams(2)

@@ -7,6 +7,7 @@ port, which it stops and starts again.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,6 +124,45 @@ def test_a_redis_outage_keeps_routing_fails_writes_quickly_and_heals(start_gatew
                      json={"rate_limit": "2/minute"}, timeout=5).raise_for_status()
         wait_for(lambda: gateway.fresh_get("/fresh/", limited).status_code == 429, 10,
                  what="limits from Redis again")
+    finally:
+        server.stop()
+
+
+def test_writes_answered_503_while_redis_hung_never_take_effect(start_gateway, upstream,
+                                                                 tmp_path):
+    """Redis paused (SIGSTOP) past the socket timeout, then resumed: the writes the gateway
+    answered with 503 meanwhile are not applied when Redis runs what it held."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        gateway = start_gateway(data_dir=tmp_path / "gw", GATEWAY_STORE=server.url)
+        auth = bearer("hung")
+        assert gateway.register("svc", upstream.address).status_code == 201
+        instance = gateway.services()["services"][0]["instances"][0]
+        gateway.wait_routable("/svc/", auth, 200, timeout=1.0)
+        before = gateway.services()
+
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            calls = [
+                lambda: gateway.register("late", upstream.address),
+                lambda: requests.put(gateway.url + "/_gateway/services/svc/instances/"
+                                     f"{instance['id']}/drain", timeout=5),
+                lambda: requests.put(gateway.url + "/_gateway/services/svc/policy",
+                                     json={"rate_limit": "1/hour"}, timeout=5),
+                lambda: requests.post(gateway.url + "/deregister_service", data="svc",
+                                      timeout=5),
+            ]
+            for call in calls:
+                response = call()
+                assert response.status_code == 503, response.text
+                assert response.json()["error"] == "store_unavailable"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        time.sleep(1.5)  # Redis has run whatever it held; every worker has caught up
+        assert gateway.services() == before
+        for _ in range(8):
+            assert gateway.fresh_get("/late/", auth).status_code == 404
+            assert gateway.fresh_get("/svc/", auth).status_code == 200
     finally:
         server.stop()
 

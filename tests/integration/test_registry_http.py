@@ -122,3 +122,26 @@ def test_generated_secret_is_shared_by_all_workers(start_gateway, upstream, tmp_
                        secret_file.read_bytes().strip(), algorithm="HS256")
     gateway.register("svc", upstream.address)
     gateway.wait_routable("/svc/", {"Authorization": token})
+
+
+def test_the_listing_pages_through_every_worker(gateway):
+    session = requests.Session()
+    for n in range(130):
+        assert session.post(gateway.url + "/register_service",
+                            data=f"page{n:03d},http://10.9.0.{n + 1}:80", timeout=5
+                            ).status_code == 201
+    first = requests.get(gateway.url + "/_gateway/services", timeout=5).json()
+    assert len(first["services"]) == 100 and first["next"] == "page099"
+    names, cursor = [], None
+    while True:  # a new connection per page: the pages come from either worker
+        query = f"?limit=40&after={cursor}" if cursor else "?limit=40"
+        page = gateway.fresh_get("/_gateway/services" + query).json()
+        names += [s["name"] for s in page["services"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert names == [f"page{n:03d}" for n in range(130)]
+    one = gateway.fresh_get("/_gateway/services/page042").json()
+    assert one["name"] == "page042" and one["instances"][0]["address"] == "http://10.9.0.43"
+    bad = gateway.fresh_get("/_gateway/services?limit=5000")
+    assert (bad.status_code, bad.json()["error"]) == (400, "bad_request")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -102,7 +103,9 @@ def test_keys_live_under_the_prefix_and_versions_count_every_change(stores, spac
     assert store.version() == start + 3
     assert store.load().version == start + 3
     assert space.keys() == [space.prefix + k for k in (
-        "index", "instance:svc/i1", "leases", "policies", "version")]
+        "changelog", "changelog_since", "changelog_versions", "index", "instance:svc/i1",
+        "layout", "leases",
+        "policies", "service:svc", "version")]
 
 
 def test_leases_run_on_the_redis_clock_not_the_node_clock(stores, space, monkeypatch):
@@ -169,7 +172,7 @@ def test_concurrent_changes_to_one_instance_stay_whole(stores):
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(churn, range(300)))
     [record] = one.load().instances
-    assert record.draining is True and record.ttl == 60
+    assert record.ttl == 60  # drained or not: whichever of drain and register came last
     assert record.expires_at == pytest.approx(record.registered_at + 60, abs=30)
 
 
@@ -241,6 +244,71 @@ def test_an_outage_fails_writes_cleanly_and_the_store_recovers_by_itself(tmp_pat
         server.stop()
 
 
+def test_a_write_that_timed_out_on_a_paused_redis_never_takes_effect_later(tmp_path):
+    """Redis hung (SIGSTOP) holds the commands sent to it; when it resumes it would run them.
+    Every write carries a deadline checked against Redis's TIME: one whose caller was told it
+    failed is refused when it finally runs."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = server.url + "?socket_timeout=0.3&prefix=paused:"
+        store = RedisStore(url)
+        limiter = RedisLimiter(parse_url(url), fail_open=False)
+        store.register(rec("steady", ttl=3600))
+        store.register(rec("drained"))
+        store.set_draining("svc", "drained")
+        store.register(rec("short", service="brief", ttl=1))
+        store.put_policy("svc", {"auth": "none"})
+        store.put_policy("other", {"auth": "none"})
+        limit = parse_rate_limit("5/hour")
+        assert limiter.take("client", limit).remaining == 4
+        before = store.load()
+
+        # each write on a node of its own whose connection is open, as a busy gateway's is
+        # (a new connection to a paused Redis hangs in its handshake and sends nothing)
+        nodes = [RedisStore(url) for _ in range(10)]
+        for node in nodes:
+            node.heartbeat("svc", "none")  # connects; changes nothing
+        writes = [
+            lambda: nodes[0].register(rec("late", ttl=60)),
+            lambda: nodes[1].register(rec("steady", weight=9)),
+            lambda: nodes[2].heartbeat("svc", "steady"),
+            lambda: nodes[3].set_draining("svc", "steady"),
+            lambda: nodes[4].set_draining("svc", "drained", False),
+            lambda: nodes[5].remove_instance("svc", "steady"),
+            lambda: nodes[6].remove_service("svc"),
+            lambda: nodes[7].put_policy("svc", {"auth": "jwt"}),
+            lambda: nodes[8].delete_policy("other"),
+            nodes[9].purge_expired,  # "brief/short" lapses during the pause
+        ]
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.1)
+            for write in writes:
+                with pytest.raises(StoreError):
+                    write()
+            assert limiter.take("client", limit).allowed is False  # fails closed
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: _loads(store), 5, 0.05, "Redis to answer again")
+        time.sleep(0.2)  # whatever Redis held has run by now
+        after = store.load()
+        def by_key(state):
+            return sorted(state.instances, key=lambda r: (r.service, r.id))
+
+        assert by_key(after) == by_key(before)
+        assert after.policies == before.policies
+        assert after.version == before.version
+        fresh = RedisLimiter(parse_url(url))  # (the first one's breaker is open for a second)
+        assert fresh.take("client", limit).remaining == 3  # one token taken before, not two
+        fresh.close()
+        for node in nodes:
+            node.close()
+        limiter.close()
+        store.close()
+    finally:
+        server.stop()
+
+
 def _works(store: RedisStore) -> bool:
     try:
         store.register(rec(id_="after"))
@@ -272,8 +340,12 @@ def test_acknowledged_writes_survive_a_redis_kill_9_with_aof(tmp_path):
         server.start()
         wait_for(lambda: _loads(store), 5, 0.05, "Redis to come back")
         after = store.load()
-        assert (after.version, after.instances, after.policies) == (
-            before.version, before.instances, before.policies)
+        def by_key(state):
+            return sorted(state.instances, key=lambda r: (r.service, r.id))
+
+        assert by_key(after) == by_key(before)
+        assert after.policies == before.policies
+        assert after.version == before.version
         store.close()
     finally:
         server.stop()
@@ -520,3 +592,67 @@ def test_two_gateways_in_process_share_registry_and_limit(space, tmp_path):
     finally:
         for app in apps:
             app.extensions["gateway"].close()
+
+
+def test_a_registry_of_the_older_layout_is_upgraded_and_its_writes_are_not_missed(stores, space):
+    old = space.client
+    p = space.prefix
+    # as a gateway before the change history left it: index, instance hashes, version
+    old.sadd(p + "index", "svc/i1")
+    old.hset(p + "instance:svc/i1", mapping={
+        "address": "http://10.0.0.1/i1", "weight": "1", "metadata": "{}", "ttl": "",
+        "registered_at": "1700000000000000", "expires_at": "", "draining": "0"})
+    old.set(p + "version", "1700000000000007")
+    store = stores()
+    state = store.load()
+    assert [r.id for r in state.instances] == ["i1"] and state.version == 1700000000000007
+    assert old.smembers(p + "service:svc") == {"i1"}
+    store.register(rec("i2"))
+    changes = store.changes(state.version)
+    assert changes.services == frozenset({"svc"})
+    assert sorted(r.id for r in changes.instances) == ["i1", "i2"]
+    assert store.remove_service("svc") and old.exists(p + "service:svc") == 0
+    # an older gateway writes (a version without a note), then a newer one: the gap shows
+    since = store.version()
+    old.incr(p + "version")
+    old.sadd(p + "index", "other/o1")
+    store.register(rec("i3"))
+    assert store.changes(since) is None  # cannot say: the caller loads everything
+
+
+def test_a_full_load_in_batches_is_one_version_even_with_writes_between_batches(
+        stores, space, monkeypatch):
+    from gateway_app.stores import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "LOAD_BATCH", 2)
+    writer = stores()
+    for n in range(12):
+        writer.register(rec(f"i{n}", service=f"s{n % 4}", ttl=600))
+    writer.put_policy("s0", {"auth": "none"})
+
+    class Interrupted(RedisStore):
+        def _index_batches(self):
+            for number, batch in enumerate(super()._index_batches()):
+                yield batch
+                if number == 1:  # another node writes while this one reads
+                    writer.remove_service("s1")
+                    writer.register(rec("late", service="s2"))
+                    writer.register(rec("i0", service="s0", weight=7))
+                    writer.delete_policy("s0")
+                    writer.put_policy("s3", {"auth": "none"})
+
+    reader = Interrupted(space.url)
+    try:
+        batched = reader.load()
+    finally:
+        reader.close()
+    at_once = writer._load_at_once()
+
+    def key(state):
+        return sorted((r.service, r.id, r.weight) for r in state.instances)
+
+    assert batched.version == at_once.version
+    assert key(batched) == key(at_once)
+    assert batched.policies == at_once.policies == {"s3": {"auth": "none"}}
+    assert ("s2", "late", 1) in key(batched) and not any(r.service == "s1"
+                                                         for r in batched.instances)

@@ -206,3 +206,40 @@ def test_wrong_method_on_gateway_path_is_405_before_any_token(client):
         response = client.open(path, method=method)
         assert response.status_code == 405, (method, path)
         assert response.get_json()["error"] == "method_not_allowed"
+
+
+def test_the_listing_is_paginated_with_a_cursor(client):
+    for n in range(250):
+        assert client.post("/register_service",
+                           data=f"s{n:03d},http://10.0.{n // 250}.{n % 250 + 1}:80"
+                           ).status_code == 201
+    first = client.get("/_gateway/services").get_json()
+    assert [s["name"] for s in first["services"]] == [f"s{n:03d}" for n in range(100)]
+    assert first["next"] == "s099"  # the default page is bounded
+    names, cursor = [], None
+    while True:
+        query = {"limit": 64, **({"after": cursor} if cursor else {})}
+        page = client.get("/_gateway/services", query_string=query).get_json()
+        names += [s["name"] for s in page["services"]]
+        assert len(page["services"]) <= 64
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert names == [f"s{n:03d}" for n in range(250)]
+    everything = client.get("/_gateway/services?limit=1000").get_json()
+    assert len(everything["services"]) == 250 and everything["next"] is None
+    # a cursor need not name a service that still exists
+    assert client.get("/_gateway/services?after=s1000&limit=2").get_json() == {
+        "services": [client.get("/_gateway/services/s101").get_json(),
+                     client.get("/_gateway/services/s102").get_json()],
+        "next": "s102"}
+    assert client.get("/_gateway/services?after=zzz").get_json() == {"services": [],
+                                                                     "next": None}
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "limit=", "limit=1.5",
+                                   "limit=-1", "after=", "after=bad%20name", "after=_x"])
+def test_bad_pagination_is_400(client, query):
+    response = client.get(f"/_gateway/services?{query}")
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "bad_request"

@@ -38,7 +38,7 @@ def rec(service="svc", id_="i1", address="http://10.0.0.1:80", **fields) -> Inst
     return InstanceRecord(service=service, id=id_, address=address, **fields)
 
 
-def test_register_new_then_again_keeps_registered_at_and_draining(store):
+def test_register_new_then_again_keeps_registered_at_and_undoes_a_drain(store):
     before = time.time()
     first, new = store.register(rec(ttl=30, weight=2, metadata={"zone": "a"}))
     assert new is True
@@ -52,7 +52,7 @@ def test_register_new_then_again_keeps_registered_at_and_draining(store):
     again, new = store.register(rec(address="http://10.0.0.1:80", weight=5, metadata={}))
     assert new is False
     assert again.registered_at == first.registered_at
-    assert again.draining is True  # a re-registration does not undo a drain
+    assert again.draining is False  # re-registering brings a drained instance back
     assert (again.weight, again.metadata, again.ttl, again.expires_at) == (5, {}, None, None)
     [loaded] = store.load().instances
     assert loaded == again
@@ -88,12 +88,21 @@ def test_remove_instance_and_service(store):
     assert [(r.service, r.id) for r in store.load().instances] == [("other", "c")]
 
 
-def test_set_draining(store):
+def test_set_draining_and_undo_it(store):
     assert store.set_draining("svc", "i1") is None
+    assert store.set_draining("svc", "i1", False) is None
     store.register(rec())
+    version = store.version()
+    assert store.set_draining("svc", "i1", False).draining is False  # not draining: no change
+    assert store.version() == version
     drained = store.set_draining("svc", "i1")
     assert drained.draining is True
     assert store.load().instances[0].draining is True
+    version = store.version()
+    undone = store.set_draining("svc", "i1", False)
+    assert undone.draining is False
+    assert store.load().instances[0].draining is False
+    assert store.version() > version
 
 
 def test_purge_expired_removes_lapsed_leases_only(store):
@@ -132,6 +141,12 @@ def test_every_change_moves_the_version_and_nothing_else_does(store):
     changed()
     store.set_draining("svc", "i1")
     changed()
+    store.set_draining("svc", "i1", False)
+    changed()
+    store.set_draining("svc", "i1")
+    changed()
+    store.register(rec(ttl=60))  # undoes the drain
+    changed()
     store.put_policy("svc", {"auth": "none"})
     changed()
     store.delete_policy("svc")
@@ -157,3 +172,53 @@ def test_load_is_one_consistent_state(store):
     assert abs(state.now - time.time()) < 5
     assert [(r.id, r.ttl) for r in state.instances] == [("a", 60)]
     assert state.policies == {"svc": {"strip_prefix": False}}
+
+
+def test_changes_since_a_version_name_the_services_touched_and_their_state(store):
+    store.register(rec(service="a", id_="a1", ttl=60))
+    store.register(rec(service="b", id_="b1"))
+    store.register(rec(service="c", id_="c1"))
+    store.put_policy("p", {"auth": "none"})
+    since = store.version()
+    quiet = store.changes(since)
+    assert (quiet.version, quiet.services, quiet.instances, quiet.policies) == (
+        since, frozenset(), (), {})
+
+    store.register(rec(service="a", id_="a2"))         # a: one more instance
+    store.remove_service("b")                          # b: gone
+    store.put_policy("c", {"strip_prefix": False})     # c: a policy, same instances
+    store.delete_policy("p")                           # p: policy gone, never had instances
+    store.heartbeat("zzz", "none")                     # no change
+    changes = store.changes(since)
+    assert changes.version == store.version() > since
+    assert changes.services == frozenset({"a", "b", "c", "p"})
+    assert sorted((r.service, r.id) for r in changes.instances) == [
+        ("a", "a1"), ("a", "a2"), ("c", "c1")]
+    assert changes.policies == {"c": {"strip_prefix": False}}
+    assert abs(changes.now - time.time()) < 5
+    # from a later version, only what came after it
+    later = store.version()
+    store.set_draining("c", "c1")
+    only_c = store.changes(later)
+    assert only_c.services == frozenset({"c"})
+    assert [r.draining for r in only_c.instances] == [True]
+
+
+def test_changes_cannot_answer_for_a_version_it_does_not_know(store):
+    store.register(rec())
+    assert store.changes(store.version() + 5) is None  # a store that lost its data
+    assert store.changes(-1) is None                   # a worker that never loaded
+
+
+def test_purged_leases_are_changes_and_next_expiry_is_the_earliest(store):
+    assert store.next_expiry() is None
+    store.register(rec(id_="forever"))
+    assert store.next_expiry() is None
+    short, _ = store.register(rec(service="brief", id_="short", ttl=0.2))
+    long, _ = store.register(rec(id_="long", ttl=3600))
+    assert store.next_expiry() == pytest.approx(short.expires_at, abs=1e-3)
+    since = store.version()
+    wait_for(lambda: store.purge_expired() == 1, 5, 0.05, "the short lease to be purged")
+    assert store.next_expiry() == pytest.approx(long.expires_at, abs=1e-3)
+    changes = store.changes(since)
+    assert changes.services == frozenset({"brief"}) and changes.instances == ()
