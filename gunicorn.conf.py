@@ -17,6 +17,7 @@ import sys
 from gunicorn.util import is_ipv6, parse_address
 
 from gateway_app.config import ConfigError, load_settings, read_or_create_secret
+from gateway_app.jwks import check_provider
 from gateway_app.ratelimit import SharedBuckets
 from gateway_app.workers import FREE, ConnectionBoard
 
@@ -142,6 +143,17 @@ def on_starting(server):
         except ConfigError as exc:
             server.log.error("configuration error: %s", exc)
             sys.exit(2)
+    if _settings.uses_provider:
+        # The provider's keys, once, before any worker forks: an issuer that does not match
+        # its discovery document, a document that is not JSON, a key set with no usable key
+        # stop the start here; a provider that cannot be reached does not (workers retry).
+        try:
+            warning = check_provider(_settings)
+        except ConfigError as exc:
+            server.log.error("configuration error: %s", exc)
+            sys.exit(2)
+        if warning:
+            server.log.warning("gateway: %s", warning)
     SharedBuckets.reset(_settings.data_dir / "ratelimit.buckets")
     store = re.sub(r"//[^/@]*@", "//***@", _settings.store)  # no password in the log
     # (with reuse_port, gunicorn's own "Listening at" line has no address: the workers bind)

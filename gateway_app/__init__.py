@@ -17,11 +17,18 @@ from flask import Flask, Response, g, request
 
 from . import accesslog
 from .auth import TokenVerifier, load_public_key
-from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
+from .config import (
+    MIN_SECRET_BYTES,
+    ConfigError,
+    Settings,
+    load_settings,
+    read_or_create_secret,
+)
 from .errors import register_error_handlers
 from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
 from .health import ActiveChecker
+from .jwks import ProviderError, ProviderKeys
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget
@@ -52,6 +59,7 @@ class GatewayState:
         self.registry.close()
         self.forwarder.close()
         self.limiter.close()
+        self.verifier.close()
 
 
 class GatewayFlask(Flask):
@@ -62,8 +70,12 @@ class GatewayFlask(Flask):
         return func
 
 
-def build_verifier(settings: Settings) -> TokenVerifier:
-    """The token verifier for ``settings``, warning once about a short HMAC secret."""
+def build_verifier(settings: Settings, with_provider: bool = True) -> TokenVerifier:
+    """The token verifier for ``settings``, warning once about a short HMAC secret.
+
+    With an identity provider configured (and ``with_provider``), its keys are fetched here,
+    before serving; :class:`~gateway_app.config.ConfigError` when it answers with something
+    unusable. When it cannot be reached the gateway starts without them (see jwks.py)."""
     secret = read_or_create_secret(settings) if settings.uses_hmac else None
     if secret is not None and len(secret) < MIN_SECRET_BYTES:
         log.warning("the JWT secret is %d bytes; use at least %d (RFC 7518): anyone who can "
@@ -74,7 +86,15 @@ def build_verifier(settings: Settings) -> TokenVerifier:
         warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     public_keys = (load_public_key(settings.jwt_public_key_file, settings.jwt_algorithms)
                    if settings.jwt_public_key_file else None)
-    return TokenVerifier(settings, secret, public_keys)
+    provider = None
+    if with_provider and settings.uses_provider:
+        provider = ProviderKeys(settings)
+        try:
+            provider.load()
+        except ProviderError as exc:
+            variable = "GATEWAY_OIDC_ISSUER" if settings.oidc_issuer else "GATEWAY_JWT_JWKS_URL"
+            raise ConfigError(f"{variable}: {exc}") from None
+    return TokenVerifier(settings, secret, public_keys, provider)
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:

@@ -46,7 +46,7 @@ def cmd_token(args: argparse.Namespace) -> None:
     private_key = None
     if settings.jwt_private_key_file is not None:
         private_key = settings.jwt_private_key_file.read_bytes()
-    verifier = build_verifier(settings)
+    verifier = build_verifier(settings, with_provider=False)
     try:
         token = verifier.mint(private_key, args.sub, args.ttl, dict(args.claim))
     except ValueError as exc:
