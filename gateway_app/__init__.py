@@ -15,15 +15,17 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import accesslog
+from . import accesslog, audit
 from .auth import TokenVerifier, load_public_key
 from .config import (
     MIN_SECRET_BYTES,
     ConfigError,
     Settings,
     load_settings,
+    read_or_create_registration_key,
     read_or_create_secret,
 )
+from .credentials import RegistrationCredentials
 from .errors import register_error_handlers
 from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
@@ -52,6 +54,8 @@ class GatewayState:
     checker: ActiveChecker
     #: This gateway's name in the ``Via`` header of every forwarded request.
     pseudonym: str
+    #: Mints and verifies registration credentials (scoped to services).
+    credentials: RegistrationCredentials
 
     def close(self) -> None:
         accesslog.flush()
@@ -127,6 +131,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         retries=RetryBudget(),
         checker=ActiveChecker(registry, registry.health, settings.upstream_ca_bundle),
         pseudonym=VIA_PREFIX + settings.node_id,
+        credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
     )
     state.checker.start()
     if "gateway" in app.extensions:
@@ -136,6 +141,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     from . import admin, proxy
 
     log_line = accesslog.line_writer(settings)
+    audit.configure()
 
     # The request's one view is made at the edge, before Flask routes (see front.py).
     app.wsgi_app = FrontDoor(app.wsgi_app, settings.trusted_proxies,  # type: ignore[method-assign]

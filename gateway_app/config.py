@@ -160,6 +160,8 @@ class Settings:
     jwks_cooldown: float = DEFAULT_JWKS_COOLDOWN
     jwks_timeout: float = DEFAULT_JWKS_TIMEOUT
     admin_token: str | None = None
+    #: The key registration credentials are signed with (generated in the data dir if unset).
+    registration_key_file: Path | None = None
     admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -199,6 +201,10 @@ class Settings:
     @property
     def uses_hmac(self) -> bool:
         return any(a in HMAC_ALGORITHMS for a in self.jwt_algorithms)
+
+    @property
+    def registration_key_path(self) -> Path:
+        return self.registration_key_file or self.data_dir / "registration-key"
 
     @property
     def secret_path(self) -> Path:
@@ -373,6 +379,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         raise ConfigError(f"GATEWAY_MAX_CONNECTIONS: must be more than GATEWAY_THREADS ({threads}),"
                           f" so that connections can wait between requests; got {max_connections}")
 
+    registration_key_file = _path(env, "GATEWAY_REGISTRATION_KEY_FILE")
+    if registration_key_file is not None and not registration_key_file.is_file():
+        raise ConfigError("GATEWAY_REGISTRATION_KEY_FILE: no such file "
+                          f"{str(registration_key_file)!r}")
+
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
@@ -397,6 +408,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         jwks_cooldown=_float(env, "GATEWAY_JWKS_COOLDOWN", DEFAULT_JWKS_COOLDOWN, 0.0, 3600.0),
         jwks_timeout=_float(env, "GATEWAY_JWKS_TIMEOUT", DEFAULT_JWKS_TIMEOUT, 0.1, 30.0),
         admin_token=_get(env, "GATEWAY_ADMIN_TOKEN"),
+        registration_key_file=registration_key_file,
         admin_allow=_networks(env, "GATEWAY_ADMIN_ALLOW", "127.0.0.0/8,::1"),
         trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES", ""),
         connect_timeout=_float(env, "GATEWAY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 0.01, 600),
@@ -427,8 +439,21 @@ def read_or_create_secret(settings: Settings) -> bytes:
     """
     if settings.jwt_secret is not None:
         return settings.jwt_secret
-    path = settings.secret_path
-    if settings.jwt_secret_file is None and not path.exists():
+    return _read_or_create_key(settings.secret_path, settings.jwt_secret_file is None,
+                               "GATEWAY_JWT_SECRET_FILE")
+
+
+def read_or_create_registration_key(settings: Settings) -> bytes:
+    """The key registration credentials are signed with: ``GATEWAY_REGISTRATION_KEY_FILE``, or
+    generated once at ``<data dir>/registration-key`` (mode 0600). Distinct from the JWT
+    secret, so no token a client holds is ever a registration credential."""
+    return _read_or_create_key(settings.registration_key_path,
+                               settings.registration_key_file is None,
+                               "GATEWAY_REGISTRATION_KEY_FILE")
+
+
+def _read_or_create_key(path: Path, generate: bool, variable: str) -> bytes:
+    if generate and not path.exists():
         # Write a temporary file, then link it into place: the link fails if another process
         # won the race, and nobody ever reads a half-written key.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -448,7 +473,7 @@ def read_or_create_secret(settings: Settings) -> bytes:
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: cannot read {str(path)!r}: {exc}") from None
+        raise ConfigError(f"{variable}: cannot read {str(path)!r}: {exc}") from None
     if not secret:
-        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: {str(path)!r} is empty")
+        raise ConfigError(f"{variable}: {str(path)!r} is empty")
     return secret
