@@ -214,7 +214,10 @@ def fetch_json(url: str, timeout: float, ca_bundle: str | None, what: str) -> Fe
     deadline = time.monotonic() + timeout
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = _connection(url, deadline, ca_bundle)
+    try:
+        conn = _connection(url, deadline, ca_bundle)
+    except (OSError, ValueError) as exc:  # an unreadable CA bundle, say
+        raise ProviderError(f"cannot set up a connection to {url}: {exc}") from None
     try:
         try:
             conn.request("GET", target, headers={
@@ -505,6 +508,9 @@ class ProviderKeys:
                 self._fetch()
             except ProviderError as exc:
                 self._failed(exc)
+            except Exception as exc:  # noqa: BLE001 (this thread must outlive any surprise)
+                log.exception("fetching the identity provider's keys failed unexpectedly")
+                self._failed(ProviderUnavailable(f"unexpected {type(exc).__name__}"))
             finally:
                 if flight is not None:
                     with self._lock:

@@ -454,3 +454,27 @@ def test_the_seed_is_unchanged(make_app, upstream):
     assert client.get("/svc", headers={"Authorization": make_token()}).status_code == 200
     assert make_app().extensions["gateway"].verifier.provider is None
     assert SECRET  # the HMAC secret of the seed's setup
+
+
+def test_an_unreadable_ca_bundle_is_a_clear_error(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate")
+    with pytest.raises(ProviderError, match="cannot set up a connection"):
+        fetch_json("https://idp.example/jwks.json", 1, str(bundle), "the key set")
+
+
+def test_the_refresh_thread_outlives_a_surprise(gw, idp, monkeypatch):
+    old = idp.add_key("RSA")
+    client = gw(GATEWAY_JWKS_REFRESH=1)
+    monkeypatch.setattr(jwks, "parse_key_set", lambda *a: 1 / 0)
+    before = idp.fetch_count()
+    deadline = time.monotonic() + 10
+    while idp.fetch_count() < before + 2:  # it failed once, and went on trying
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    monkeypatch.undo()
+    new = idp.add_key("EC")
+    idp.publish(old, False)
+    while call(client, idp.token(new)).status_code != 200:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.2)
