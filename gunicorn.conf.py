@@ -17,7 +17,13 @@ import sys
 
 from gunicorn.util import is_ipv6, parse_address
 
-from gateway_app.config import ConfigError, load_settings, read_or_create_secret
+from gateway_app.config import (
+    ConfigError,
+    load_settings,
+    read_or_create_registration_key,
+    read_or_create_secret,
+)
+from gateway_app.jwks import check_provider
 from gateway_app.ratelimit import SharedBuckets
 from gateway_app.stores import StoreError
 from gateway_app.stores import sqlite as sqlite_store
@@ -134,17 +140,30 @@ def _raise_open_files(server):
 
 
 def on_starting(server):
-    """Create what all workers share once, before they fork: the generated JWT secret, an
-    empty rate-limit table, and the SQLite store's file (schema, WAL mode)."""
+    """Create what all workers share once, before they fork: the generated JWT secret and
+    registration key, an empty rate-limit table, and the SQLite store's file (schema, WAL
+    mode)."""
     if server.cfg.reuse_port:
         _check_bind_free(server)
     _raise_open_files(server)
-    if _settings.uses_hmac:
-        try:
+    try:
+        if _settings.uses_hmac:
             read_or_create_secret(_settings)
+        read_or_create_registration_key(_settings)
+    except ConfigError as exc:
+        server.log.error("configuration error: %s", exc)
+        sys.exit(2)
+    if _settings.uses_provider:
+        # The provider's keys, once, before any worker forks: an issuer that does not match
+        # its discovery document, a document that is not JSON, a key set with no usable key
+        # stop the start here; a provider that cannot be reached does not (workers retry).
+        try:
+            warning = check_provider(_settings)
         except ConfigError as exc:
             server.log.error("configuration error: %s", exc)
             sys.exit(2)
+        if warning:
+            server.log.warning("gateway: %s", warning)
     if _settings.store.startswith("sqlite:///"):
         try:
             sqlite_store.prepare(_settings.store[len("sqlite:///"):])

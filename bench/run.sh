@@ -16,7 +16,9 @@
 #      (e.g. '{"rate_limit": "1000000/second", "request_headers": {"add": {"X-A": "1"}}}');
 #      GATEWAY_WORKERS (2), GATEWAY_THREADS (16); any other GATEWAY_* (e.g. GATEWAY_STORE,
 #      GATEWAY_RATE_LIMIT) flows through to the gateway process unchanged;
-#      BENCH_ALLOW_ERRORS=1 to exit 0 even if a measured run saw non-2xx/3xx or socket errors.
+#      BENCH_ALLOW_ERRORS=1 to exit 0 even if a measured run saw non-2xx/3xx or socket errors;
+#      BENCH_JWT: hs256 (default: the gateway's own secret) or rs256-jwks (an RS256 token whose
+#      key the gateway fetches from a JWKS served on loopback by a tiny local server).
 set -euo pipefail
 export LC_ALL=C
 
@@ -28,6 +30,11 @@ DURATION=${BENCH_DURATION:-10s}
 ROUNDS=${BENCH_ROUNDS:-3}
 INSTANCES=${BENCH_INSTANCES:-1}
 WARMUP=${BENCH_WARMUP:-2s}
+BENCH_JWT=${BENCH_JWT:-hs256}
+case "$BENCH_JWT" in
+  hs256|rs256-jwks) ;;
+  *) printf 'bench: ERROR: BENCH_JWT must be hs256 or rs256-jwks, got %s\n' "$BENCH_JWT" >&2; exit 1 ;;
+esac
 CONNECTIONS=16
 WRK_THREADS=2
 WORKERS=${GATEWAY_WORKERS:-2}
@@ -127,9 +134,9 @@ wait_http() {  # wait_http <pid> <log> <url> <expect-substring>: poll up to 15 s
   return 1
 }
 
-read -r GW_PORT CEIL_PORT NGINX_PORT EXTRA_PORTS < <("$BIN/python" -c '
+read -r JWKS_PORT GW_PORT CEIL_PORT NGINX_PORT EXTRA_PORTS < <("$BIN/python" -c '
 import socket, sys
-ss = [socket.socket() for _ in range(2 + int(sys.argv[1]))]
+ss = [socket.socket() for _ in range(3 + int(sys.argv[1]))]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))
@@ -222,8 +229,36 @@ case "${GATEWAY_STORE:-}" in
     export GATEWAY_STORE="${GATEWAY_STORE}${sep}prefix=bench-$$-$RANDOM:" ;;
 esac
 
+# BENCH_JWT=rs256-jwks: an RSA key made now, its public half served as a JWKS by a tiny local
+# server; the gateway fetches it at start (GATEWAY_JWT_JWKS_URL) and the bench signs with it.
+GW_JWT_ENV=()
+if [ "$BENCH_JWT" = rs256-jwks ]; then
+  mkdir -p "$TMP/jwks"
+  "$BIN/python" - "$TMP/jwks" <<'PY'
+import json, sys
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+jwk = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True) | {"kid": "bench", "alg": "RS256", "use": "sig"}
+with open(f"{sys.argv[1]}/jwks.json", "w") as fh:
+    json.dump({"keys": [jwk]}, fh)
+with open(f"{sys.argv[1]}/../jwks-key.pem", "wb") as fh:
+    fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption()))
+PY
+  spawn "$TMP/jwks.log" "$BIN/python" -m http.server "$JWKS_PORT" --bind 127.0.0.1 \
+    --directory "$TMP/jwks"
+  JWKS_PID=$LAST_PID
+  wait_http "$JWKS_PID" "$TMP/jwks.log" "http://127.0.0.1:$JWKS_PORT/jwks.json" '"kid": "bench"' \
+    || die "the local JWKS server did not come up on 127.0.0.1:$JWKS_PORT"
+  GW_JWT_ENV=(GATEWAY_JWT_JWKS_URL="http://127.0.0.1:$JWKS_PORT/jwks.json"
+              GATEWAY_JWT_ALGORITHMS=RS256)
+fi
+
 GW_LOG="$TMP/gateway.log"
 spawn "$GW_LOG" env GATEWAY_BIND="127.0.0.1:$GW_PORT" GATEWAY_DATA_DIR="$GW_DATA" \
+  ${GW_JWT_ENV[@]+"${GW_JWT_ENV[@]}"} \
   "$BIN/gunicorn" -c gunicorn.conf.py --control-socket "$TMP/gateway.ctl" wsgi:app
 GW_PID=$LAST_PID
 wait_http "$GW_PID" "$GW_LOG" "http://127.0.0.1:$GW_PORT/_gateway/health" '"ok"' \
@@ -263,7 +298,13 @@ fi
 
 TOKEN_SRC="gateway token"
 TOKEN=""
-if [ -x "$BIN/gateway" ]; then
+if [ "$BENCH_JWT" = rs256-jwks ]; then
+  TOKEN_SRC="RS256, kid 'bench', key from the JWKS at http://127.0.0.1:$JWKS_PORT/jwks.json"
+  TOKEN=$("$BIN/python" -c 'import sys, time, jwt
+key = open(sys.argv[1], "rb").read()
+print(jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, key, algorithm="RS256",
+                 headers={"kid": "bench"}))' "$TMP/jwks-key.pem")
+elif [ -x "$BIN/gateway" ]; then
   TOKEN=$("$BIN/gateway" token --sub bench 2>"$TMP/token.err" | tail -n 1) || TOKEN=""
 fi
 if [ -z "$TOKEN" ]; then
@@ -295,7 +336,7 @@ if [ "$ok" -lt 5 ]; then
 fi
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$GW_URL") || true
 case "$code" in
-  401|403) JWT_DESC="on (HTTP $code without a token)" ;;
+  401|403) JWT_DESC="on, $BENCH_JWT (HTTP $code without a token)" ;;
   *) JWT_DESC="NOT ENFORCED? (HTTP $code without a token)"
      say "warning: GET $GW_URL without a token answered HTTP $code" ;;
 esac

@@ -6,6 +6,11 @@ seed's body ``NAME,http://HOST:PORT``; with ``--ttl`` it holds a lease and heart
 then answers every GET/HEAD with ``{"message": "Hello from the Service!"}``. On SIGTERM or
 SIGINT it deregisters, stops and exits 0. Run it with the project's venv:
 ``.venv/bin/python examples/hello_service.py``.
+
+From the gateway's machine (loopback) it needs no credential, as in the seed. From another
+host, give it a registration credential for its service in ``GATEWAY_REGISTRATION_TOKEN``
+(``GATEWAY_REGISTRATION_TOKEN=$(gateway token --register hello_service)``): it may then
+register, renew and remove ``hello_service`` instances, and nothing else.
 """
 
 from __future__ import annotations

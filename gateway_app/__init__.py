@@ -15,14 +15,23 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import accesslog
+from . import accesslog, audit
 from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
-from .config import MIN_SECRET_BYTES, Settings, load_settings, read_or_create_secret
+from .config import (
+    MIN_SECRET_BYTES,
+    ConfigError,
+    Settings,
+    load_settings,
+    read_or_create_registration_key,
+    read_or_create_secret,
+)
+from .credentials import RegistrationCredentials
 from .errors import register_error_handlers
 from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
 from .health import ActiveChecker
+from .jwks import ProviderError, ProviderKeys
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget
@@ -46,6 +55,8 @@ class GatewayState:
     checker: ActiveChecker
     #: This gateway's name in the ``Via`` header of every forwarded request.
     pseudonym: str
+    #: Mints and verifies registration credentials (scoped to services).
+    credentials: RegistrationCredentials
     #: Set when this worker begins to stop (SIGTERM, or its exit): ``/_gateway/ready`` then
     #: answers 503, before anything is closed.
     stopping: bool = False
@@ -67,6 +78,7 @@ class GatewayState:
         self.registry.close()
         self.forwarder.close()
         self.limiter.close()
+        self.verifier.close()
 
 
 class GatewayFlask(Flask):
@@ -77,8 +89,12 @@ class GatewayFlask(Flask):
         return func
 
 
-def build_verifier(settings: Settings) -> TokenVerifier:
-    """The token verifier for ``settings``, warning once about a short HMAC secret."""
+def build_verifier(settings: Settings, with_provider: bool = True) -> TokenVerifier:
+    """The token verifier for ``settings``, warning once about a short HMAC secret.
+
+    With an identity provider configured (and ``with_provider``), its keys are fetched here,
+    before serving; :class:`~gateway_app.config.ConfigError` when it answers with something
+    unusable. When it cannot be reached the gateway starts without them (see jwks.py)."""
     secret = read_or_create_secret(settings) if settings.uses_hmac else None
     if secret is not None and len(secret) < MIN_SECRET_BYTES:
         log.warning("the JWT secret is %d bytes; use at least %d (RFC 7518): anyone who can "
@@ -89,7 +105,15 @@ def build_verifier(settings: Settings) -> TokenVerifier:
         warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     public_keys = (load_public_key(settings.jwt_public_key_file, settings.jwt_algorithms)
                    if settings.jwt_public_key_file else None)
-    return TokenVerifier(settings, secret, public_keys)
+    provider = None
+    if with_provider and settings.uses_provider:
+        provider = ProviderKeys(settings)
+        try:
+            provider.load()
+        except ProviderError as exc:
+            variable = "GATEWAY_OIDC_ISSUER" if settings.oidc_issuer else "GATEWAY_JWT_JWKS_URL"
+            raise ConfigError(f"{variable}: {exc}") from None
+    return TokenVerifier(settings, secret, public_keys, provider)
 
 
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
@@ -126,6 +150,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         retries=RetryBudget(),
         checker=ActiveChecker(registry, registry.health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
+        credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
     )
     state.checker.start()
     if "gateway" in app.extensions:
@@ -135,6 +160,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     from . import admin, proxy
 
     log_line = accesslog.line_writer(settings)
+    audit.configure()
 
     # The request's one view is made at the edge, before Flask routes (see front.py).
     app.wsgi_app = FrontDoor(app.wsgi_app, settings.trusted_proxies,  # type: ignore[method-assign]

@@ -2,21 +2,37 @@
 and the REST forms under ``/_gateway/``.
 
 Every route but ``/_gateway/health`` and ``/_gateway/ready`` is for operators and services
-only: the caller's address must be in ``GATEWAY_ADMIN_ALLOW``, or it must present
-``GATEWAY_ADMIN_TOKEN`` as a bearer token. Anyone else gets 401 and nothing changes.
+only: the caller's address
+must be in ``GATEWAY_ADMIN_ALLOW``, or it must present ``GATEWAY_ADMIN_TOKEN`` as a bearer
+token, or a registration credential (:mod:`gateway_app.credentials`): that one allows
+registering, renewing, draining, removing and reading instances of the services it names, from
+any address, and answers 403 for anything else. Anyone else gets 401 and nothing changes.
+
+Every write, allowed or refused, leaves an audit line (:mod:`gateway_app.audit`): who, from
+where, what, and the result.
 """
 
 from __future__ import annotations
 
 import bisect
 import hmac
+import time
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from . import audit
 from .clients import in_networks
+from .clock import rfc3339
+from .credentials import (
+    ID_RE,
+    MAX_REVOKED,
+    MAX_TTL,
+    InvalidCredential,
+)
 from .errors import (
     BadRequest,
+    Forbidden,
     InstanceNotFound,
     PayloadTooLarge,
     PolicyNotFound,
@@ -45,6 +61,15 @@ MAX_REGISTRY_BODY = 64 * 1024
 #: Services per page of ``GET /_gateway/services``: without ``limit``, and at most.
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+#: What a registration credential may do, for the services it names (the listing is filtered
+#: to them); any other endpoint answers it 403.
+REGISTRATION_ENDPOINTS = frozenset({
+    "admin.register", "admin.deregister", "admin.list_services", "admin.get_service",
+    "admin.delete_service", "admin.delete_instance", "admin.heartbeat", "admin.drain",
+    "admin.undrain",
+})
+#: Methods whose calls are audited.
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 bp = Blueprint("admin", __name__)
 
@@ -54,30 +79,84 @@ OPEN_ENDPOINTS = frozenset({"admin.health", "admin.ready"})
 
 @bp.before_request
 def authorise() -> None:
-    """An admin-allowed client address, or the admin token; 401 otherwise. A request relayed
-    for someone else (by the gateway itself, or by any proxy that is not a trusted one and
-    says so in ``Via`` or ``X-Forwarded-*``) never counts as coming from its relay's address."""
+    """An admin-allowed client address, the admin token, or a registration credential (for
+    its own services only: 403 otherwise); 401 otherwise. A request relayed for someone else
+    (by the gateway itself, or by any proxy that is not a trusted one and says so in ``Via``
+    or ``X-Forwarded-*``) never counts as coming from its relay's address."""
+    g.actor = None
+    g.scope = None  # the services a registration credential allows; None: all of them
+    g.audit = {}
     if request.endpoint in OPEN_ENDPOINTS:
         return
     gw = current_app.extensions["gateway"]
     settings = gw.settings
     view = g.view
     if not view.relayed and in_networks(view.client, settings.admin_allow):
+        g.actor = f"address {view.client}"
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    token = token.strip()
+    bearer = scheme.lower() == "bearer" and bool(token)
     expected = settings.admin_token
-    if (expected and scheme.lower() == "bearer"
-            and hmac.compare_digest(token.strip().encode(), expected.encode())):
+    if (expected and bearer
+            and hmac.compare_digest(token.encode(), expected.encode())):
+        g.actor = "admin token"
         return
+    if bearer and token.count(".") == 2:
+        try:
+            credential = gw.credentials.verify(token, gw.registry.current().revoked)
+        except InvalidCredential:
+            pass
+        else:
+            g.actor = f"registration {credential.subject} {credential.id}"
+            g.scope = credential.services
+            if request.endpoint not in REGISTRATION_ENDPOINTS:
+                raise Forbidden("a registration credential may only register, renew, drain "
+                                "and remove instances of its own services")
+            name = (request.view_args or {}).get("name")
+            if name is not None:
+                allow(name)
+            return
     if header and settings.auth_failure_limit is not None:
         # A wrong credential counts against the address, as a refused token does.
         decision = gw.limiter.take(refused_credential_key(view.client), settings.auth_failure_limit)
         if not decision.allowed:
             raise RateLimited("too many requests with a refused credential from this address",
                               headers={"Retry-After": str(decision.retry_after)})
-    raise Unauthorized("the registry needs an allowed network or the admin token",
+    raise Unauthorized("the registry needs an allowed network, the admin token or a "
+                       "registration credential",
                        headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'})
+
+
+def allow(name: str) -> None:
+    """403 unless the caller may act on service ``name`` (a registration credential names
+    it; operators may act on any)."""
+    scope = g.get("scope")
+    if scope is not None and name not in scope:
+        raise Forbidden(f"this registration credential is not for service {name[:64]!r}")
+
+
+@bp.after_request
+def audit_write(response: Response) -> Response:
+    """One audit line per write, allowed or refused (never a token, a credential or a body)."""
+    if request.method not in _WRITES:
+        return response
+    view = g.view
+    args = request.view_args or {}
+    fields = {"service": args.get("name"), "instance": args.get("instance"),
+              "credential": args.get("credential")}
+    fields.update(g.get("audit") or {})
+    error = None
+    if response.status_code >= 400:
+        body = response.get_json(silent=True)
+        error = body.get("error") if isinstance(body, dict) else None
+    audit.record({
+        **fields, "request_id": view.request_id, "actor": g.get("actor") or "anonymous",
+        "client": view.client, "action": (request.endpoint or "").removeprefix("admin."),
+        "status": response.status_code, "error": error,
+    }, current_app.extensions["gateway"].settings.log_format)
+    return response
 
 
 # -- request bodies ------------------------------------------------------------------------
@@ -134,6 +213,8 @@ def register() -> tuple[Response, int]:
         name = check_name(parsed[0])
         address = normalise_address(parsed[1], deny)
         ttl, weight, metadata = None, 1, {}
+    g.audit = {"service": name, "address": address, "instance": instance_id(address)}
+    allow(name)
     if is_own_address(address, gw.settings.bind):
         raise BadRequest(f"address {address!r} is where this gateway listens: requests to it "
                          "would loop back into the gateway")
@@ -150,6 +231,8 @@ def deregister() -> Response:
     else:
         name, address = parsed
     name = check_name(name)
+    g.audit = {"service": name}
+    allow(name)
     registry = current_app.extensions["gateway"].registry
     if address is None:
         removed = registry.remove_service(name)
@@ -157,6 +240,7 @@ def deregister() -> Response:
             raise ServiceNotFound(f"no service named {name!r}")
         return jsonify(name=name, removed=[_instance_json(r) for r in removed])
     address = normalise_address(address)
+    g.audit.update(address=address, instance=instance_id(address))
     record = registry.remove_instance(name, instance_id(address))
     if record is None:
         _raise_missing(name)
@@ -200,6 +284,9 @@ def list_services() -> Response:
     registry = current_app.extensions["gateway"].registry
     snapshot = registry.current()
     names = snapshot.names
+    scope = g.get("scope")  # a registration credential reads its own services only
+    if scope is not None:
+        names = tuple(n for n in names if n in scope)
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start:start + limit]
     now = registry.now()
@@ -289,3 +376,42 @@ def delete_policy(name: str) -> Response:
     if not NAME_RE.match(name) or not registry.delete_policy(name):
         raise PolicyNotFound(f"service {name!r} has no policy")
     return jsonify(name=name, deleted=True)
+
+
+# -- registration credentials --------------------------------------------------------------
+# Minted and revoked by operators only (a registration credential gets 403 here).
+
+
+@bp.post("/_gateway/registration-tokens")
+def mint_registration_token() -> tuple[Response, int]:
+    """A new registration credential: ``{"services": [...], "ttl"?: s, "sub"?: "..."}``."""
+    doc = parse_json(_read_body(), "the body")
+    if not isinstance(doc, dict) or set(doc) - {"services", "ttl", "sub"}:
+        raise BadRequest("the body must be an object with 'services', and optionally 'ttl' "
+                         "and 'sub'")
+    token, claims = current_app.extensions["gateway"].credentials.mint(
+        doc.get("services"), doc.get("ttl"), doc.get("sub"))
+    g.audit = {"credential": claims["jti"], "services": claims["services"]}
+    return jsonify(token=token, id=claims["jti"], sub=claims["sub"],
+                   services=claims["services"], expires_at=rfc3339(claims["exp"])), 201
+
+
+@bp.delete("/_gateway/registration-tokens/<credential>")
+def revoke_registration_token(credential: str) -> Response:
+    """Revoke a credential by its id, on every worker and node within a second."""
+    if not ID_RE.match(credential):
+        raise BadRequest("a registration credential's id is 32 hex digits")
+    until = time.time() + MAX_TTL  # its latest possible expiry (its own is not known here)
+    try:
+        current_app.extensions["gateway"].registry.revoke(credential, until, MAX_REVOKED)
+    except ValueError as exc:
+        raise BadRequest(f"{exc}; rotate the registration key instead") from None
+    return jsonify(id=credential, revoked=True, until=rfc3339(until))
+
+
+@bp.get("/_gateway/registration-tokens/revoked")
+def list_revoked() -> Response:
+    revoked = current_app.extensions["gateway"].registry.current().revoked
+    now = time.time()
+    return jsonify(revoked=[{"id": i, "until": rfc3339(u)}
+                            for i, u in sorted(revoked.items()) if u >= now])

@@ -1,8 +1,11 @@
 """JWT checking: :class:`TokenVerifier` and the :func:`require_jwt` view decorator.
 
 The token's own ``alg`` header is only used to pick among the algorithms the operator allowed,
-and each allowed algorithm is bound to one key of the right kind (the HMAC secret for ``HS*``,
-the PEM public key for the others), so ``alg: none`` and HS/RS confusion cannot verify.
+and each allowed algorithm is bound to keys of the right kind (the HMAC secret for ``HS*``,
+the PEM public key or the identity provider's keys for the others), so ``alg: none`` and HS/RS
+confusion cannot verify. The provider's keys (:mod:`gateway_app.jwks`) are found by the
+token's ``kid``, each bound to the algorithms its type fits; a token they verify must carry
+the provider's issuer (``GATEWAY_OIDC_ISSUER``, else ``GATEWAY_JWT_ISSUER`` when set).
 
 Verified tokens are cached by their exact string until their ``exp`` (plus leeway): a cache
 hit is one dict lookup and a float comparison. The cache is bounded in entries and in bytes,
@@ -23,8 +26,9 @@ from typing import Any
 import jwt
 from flask import current_app, g, request
 
-from .config import HMAC_ALGORITHMS, Settings
+from .config import HMAC_ALGORITHMS, ConfigError, Settings
 from .errors import Unauthorized
+from .jwks import ProviderKeys
 
 #: Tokens longer than this are refused unread.
 MAX_TOKEN_BYTES = 8192
@@ -47,6 +51,10 @@ class InvalidToken(Exception):
     """The token was present but does not verify; the message says why (never the token)."""
 
 
+class _BadSignature(InvalidToken):
+    """The signature does not verify with the key tried (another key may be tried)."""
+
+
 def _entry_cost(token: str) -> int:
     """Estimated bytes a cached token holds: its characters, its claims (JSON of three quarters
     of its length, about as many bytes again as objects) and :data:`ENTRY_OVERHEAD`.
@@ -59,12 +67,20 @@ def _entry_cost(token: str) -> int:
 
 
 def load_public_key(path: Path, algorithms: tuple[str, ...]) -> dict[str, Any]:
-    """Parse the PEM public key once per public-key algorithm in the allow-list."""
+    """Parse the PEM public key once per public-key algorithm of the allow-list that its type
+    fits (an RSA key verifies ``RS*``/``PS*``, a P-256 key ``ES256``...);
+    :class:`~gateway_app.config.ConfigError` when it fits none."""
     pem = path.read_bytes()
     keys = {}
     for alg in algorithms:
         if alg not in HMAC_ALGORITHMS:
-            keys[alg] = jwt.get_algorithm_by_name(alg).prepare_key(pem)
+            try:
+                keys[alg] = jwt.get_algorithm_by_name(alg).prepare_key(pem)
+            except (jwt.PyJWTError, ValueError, TypeError):
+                continue  # another type of key
+    if not keys:
+        raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE: {str(path)!r} holds no public key for "
+                          f"the algorithms in GATEWAY_JWT_ALGORITHMS ({','.join(algorithms)})")
     return keys
 
 
@@ -72,11 +88,21 @@ class TokenVerifier:
     """Verifies tokens against the configured keys, algorithms and claims."""
 
     def __init__(self, settings: Settings, secret: bytes | None,
-                 public_keys: Mapping[str, Any] | None = None) -> None:
+                 public_keys: Mapping[str, Any] | None = None,
+                 provider: ProviderKeys | None = None) -> None:
         self.algorithms = settings.jwt_algorithms
+        self._allowed = frozenset(self.algorithms)
         self.issuer = settings.jwt_issuer
+        #: The issuer of tokens signed with the provider's keys.
+        self.provider_issuer = settings.oidc_issuer or settings.jwt_issuer
         self.audience = settings.jwt_audience
         self.leeway = settings.jwt_leeway
+        #: The identity provider's keys (``None`` without GATEWAY_JWT_JWKS_URL or
+        #: GATEWAY_OIDC_ISSUER). When a key leaves its set, the cache is emptied.
+        self.provider = provider
+        if provider is not None:
+            provider.on_removal = self.clear_cache
+        #: The static keys by algorithm: the HMAC secret, the PEM public key.
         self._keys: dict[str, Any] = dict(public_keys or {})
         for alg in self.algorithms:
             if alg in HMAC_ALGORITHMS:
@@ -95,6 +121,8 @@ class TokenVerifier:
         #: The sum of :func:`_entry_cost` over the cache. Writes hold ``_cache_lock``.
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        #: Moves when the cache is emptied, so a token verified just before is not put back.
+        self._generation = 0
 
     def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, or :class:`InvalidToken`."""
@@ -103,8 +131,9 @@ class TokenVerifier:
             if time.time() < hit[1]:
                 return hit[0]
             self._forget(token)
+        generation = self._generation
         claims = self._decode(token)
-        self._remember(token, claims)
+        self._remember(token, claims, generation)
         return claims
 
     def _decode(self, token: str) -> dict[str, Any]:
@@ -115,14 +144,44 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise InvalidToken("malformed token") from None
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self._keys:
+        if not isinstance(alg, str) or alg not in self._allowed:
             raise InvalidToken("token algorithm not allowed")
+        static = self._keys.get(alg)
+        provider = self.provider
+        if provider is None or alg in HMAC_ALGORITHMS:
+            if static is None:
+                raise InvalidToken("token algorithm not allowed")
+            return self._verify(token, static, alg, self.issuer)
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("malformed token: kid must be a string")
+        key = provider.get(kid, alg)
+        if key is None and static is not None:
+            # The PEM key, for a token the provider's current keys do not name; when it does
+            # not verify and the token names a kid, the provider may have a new key.
+            try:
+                return self._verify(token, static, alg, self.issuer)
+            except _BadSignature:
+                if kid is None:
+                    raise
+        if key is None:
+            key = provider.get_or_fetch(kid, alg)
+        if key is None:
+            if provider.unavailable_reason() is not None:
+                raise InvalidToken("the identity provider's keys are not available")
+            raise InvalidToken("no signing key for this token (kid and alg)"
+                               if kid is not None else "token has no kid")
+        return self._verify(token, key, alg, self.provider_issuer)
+
+    def _verify(self, token: str, key: Any, alg: str, issuer: str | None) -> dict[str, Any]:
         try:
             claims = jwt.decode(
-                token, self._keys[alg], algorithms=[alg],
+                token, key, algorithms=[alg],
                 options=self._options,  # type: ignore[arg-type]
-                audience=self.audience, issuer=self.issuer, leeway=self.leeway,
+                audience=self.audience, issuer=issuer, leeway=self.leeway,
             )
+        except jwt.InvalidSignatureError:
+            raise _BadSignature("Signature verification failed") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(str(exc) or type(exc).__name__) from None
         for name in _TIME_CLAIMS:
@@ -137,7 +196,7 @@ class TokenVerifier:
             raise InvalidToken("sub must be 1 to 256 printable ASCII characters")
         return claims
 
-    def _remember(self, token: str, claims: dict[str, Any]) -> None:
+    def _remember(self, token: str, claims: dict[str, Any], generation: int) -> None:
         """Cache a verified token, first evicting the oldest entries it would not fit beside.
 
         Each entry is evicted at most once after being added once: O(1) per call, amortised.
@@ -145,6 +204,8 @@ class TokenVerifier:
         until = float(claims["exp"]) + self.leeway
         cost = _entry_cost(token)
         with self._cache_lock:
+            if generation != self._generation:
+                return  # the cache was emptied while this token was verified: a key left
             cache = self._cache
             if cache.pop(token, None) is not None:  # two threads verified it at once
                 self._cache_bytes -= cost
@@ -155,6 +216,17 @@ class TokenVerifier:
             cache[token] = (claims, until)
             self._cache_bytes += cost
 
+    def clear_cache(self) -> None:
+        """Forget every verified token (a key that may have signed some left the key set)."""
+        with self._cache_lock:
+            self._generation += 1
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    def close(self) -> None:
+        if self.provider is not None:
+            self.provider.close()
+
     def _forget(self, token: str) -> None:
         """Drop a token's entry (found expired)."""
         with self._cache_lock:
@@ -163,8 +235,11 @@ class TokenVerifier:
 
     def mint(self, private_key: Any, sub: str, ttl: float = 3600,
              claims: Mapping[str, Any] | None = None) -> str:
-        """A token this verifier accepts, signed with its first allowed algorithm."""
+        """A token this verifier accepts, signed with its first allowed algorithm (its first
+        HMAC one when no private key is given)."""
         alg = self.algorithms[0]
+        if private_key is None:
+            alg = next((a for a in self.algorithms if a in HMAC_ALGORITHMS), alg)
         key = self._keys[alg] if alg in HMAC_ALGORITHMS else private_key
         if key is None:
             raise ValueError(f"{alg} needs a private key (GATEWAY_JWT_PRIVATE_KEY_FILE)")

@@ -1,13 +1,17 @@
 """The ``gateway`` command: mint tokens and talk to a running gateway's registry.
 
     gateway token --sub ID [--ttl SECONDS] [--claim k=v ...]
+    gateway token --register NAME[,NAME...] [--ttl SECONDS] [--sub ID]
     gateway register NAME ADDRESS [--ttl SECONDS] [--weight N]
     gateway deregister NAME [ADDRESS]
     gateway services [--json]
+    gateway revoke ID
 
 ``token`` reads the same ``GATEWAY_*`` variables as the gateway (secret, algorithms, issuer,
-audience), so its tokens verify. The others send HTTP to ``--url`` (default
-``http://127.0.0.1:8080``) with ``GATEWAY_ADMIN_TOKEN`` as a bearer token when it is set.
+audience; the registration key for ``--register``), so what it prints verifies. The others
+send HTTP to ``--url`` (default ``http://127.0.0.1:8080``) with ``GATEWAY_ADMIN_TOKEN`` as a
+bearer token when it is set (else ``GATEWAY_REGISTRATION_TOKEN``, for register, deregister
+and services).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 
 import requests
 
-from .config import ConfigError, load_settings
+from .config import ConfigError, load_settings, read_or_create_registration_key
+from .errors import BadRequest
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 RESERVED_CLAIMS = frozenset({"exp", "iat", "nbf", "sub", "iss", "aud"})
@@ -43,12 +48,28 @@ def cmd_token(args: argparse.Namespace) -> None:
     from . import build_verifier
 
     settings = load_settings()
+    if args.register is not None:
+        from .credentials import RegistrationCredentials
+
+        if args.claim:
+            raise CommandError("--claim does not go with --register")
+        credentials = RegistrationCredentials(read_or_create_registration_key(settings))
+        try:
+            token, _ = credentials.mint(args.register.split(","), args.ttl, args.sub)
+        except BadRequest as exc:
+            raise CommandError(exc.description or "bad arguments") from None
+        print(token)
+        return
+    if args.sub is None:
+        raise CommandError("token needs --sub ID (or --register NAME for a registration "
+                           "credential)")
     private_key = None
     if settings.jwt_private_key_file is not None:
         private_key = settings.jwt_private_key_file.read_bytes()
-    verifier = build_verifier(settings)
+    verifier = build_verifier(settings, with_provider=False)
     try:
-        token = verifier.mint(private_key, args.sub, args.ttl, dict(args.claim))
+        token = verifier.mint(private_key, args.sub, 3600 if args.ttl is None else args.ttl,
+                              dict(args.claim))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     print(token)
@@ -56,9 +77,10 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
     headers = kwargs.pop("headers", {})
-    admin_token = os.environ.get("GATEWAY_ADMIN_TOKEN")
-    if admin_token:
-        headers["Authorization"] = f"Bearer {admin_token}"
+    credential = os.environ.get("GATEWAY_ADMIN_TOKEN") \
+        or os.environ.get("GATEWAY_REGISTRATION_TOKEN")
+    if credential:
+        headers["Authorization"] = f"Bearer {credential.strip()}"
     url = args.url.rstrip("/") + path
     try:
         response = requests.request(method, url, headers=headers, timeout=10, **kwargs)
@@ -116,13 +138,24 @@ def cmd_services(args: argparse.Namespace) -> None:
                   f"  {lease}")
 
 
+def cmd_revoke(args: argparse.Namespace) -> None:
+    body = _call(args, "DELETE", f"/_gateway/registration-tokens/{args.id}")
+    print(f"revoked registration credential {body['id']} (kept until {body['until']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    token = sub.add_parser("token", help="print a token the gateway accepts")
-    token.add_argument("--sub", required=True, help="the subject (who the token is for)")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token = sub.add_parser("token", help="print a token the gateway accepts, or a registration "
+                                         "credential (--register)")
+    token.add_argument("--sub", help="the subject (who the token is for)")
+    token.add_argument("--register", metavar="NAME[,NAME...]",
+                       help="print a registration credential for these services instead: it "
+                            "may register, renew, drain and remove their instances only")
+    token.add_argument("--ttl", type=int, default=None,
+                       help="seconds until it expires (3600 for a token, 30 days for a "
+                            "registration credential)")
     token.add_argument("--claim", type=_claim, action="append", default=[], metavar="K=V",
                        help="an extra string claim (repeatable)")
     token.set_defaults(func=cmd_token)
@@ -148,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     services = remote("services", "list services and their instances")
     services.add_argument("--json", action="store_true", help="print the raw JSON")
     services.set_defaults(func=cmd_services)
+
+    revoke = remote("revoke", "revoke a registration credential by its id (every worker and "
+                              "node within a second)")
+    revoke.add_argument("id", help="the credential's id (its jti: 32 hex digits)")
+    revoke.set_defaults(func=cmd_revoke)
     return parser
 
 

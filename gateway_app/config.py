@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 #: Default seconds to wait for an upstream to accept a connection.
 DEFAULT_CONNECT_TIMEOUT = 2.0
@@ -36,6 +37,19 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
+#: The allow-list when an identity provider is configured and GATEWAY_JWT_ALGORITHMS is not:
+#: every public-key algorithm (each provider key is bound to the algorithms its type fits).
+PROVIDER_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                       "ES256", "ES384", "ES512", "EdDSA")
+#: Seconds between background refreshes of the provider's keys (unless its Cache-Control says
+#: otherwise, within bounds: see :mod:`gateway_app.jwks`).
+DEFAULT_JWKS_REFRESH = 600.0
+#: Seconds an unknown ``kid`` must wait after the last fetch it caused, per worker.
+DEFAULT_JWKS_COOLDOWN = 30.0
+#: Seconds one fetch from the provider may take, all of it (connect, answer, body).
+DEFAULT_JWKS_TIMEOUT = 3.0
+#: Provider URLs longer than this are refused.
+MAX_PROVIDER_URL = 2048
 #: HMAC secrets shorter than this get a warning at start (RFC 7518 section 3.2).
 MIN_SECRET_BYTES = 32
 #: Requests refused for their token, per client address: past it, 429 instead of 401.
@@ -52,6 +66,40 @@ _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the variable."""
+
+
+def check_provider_url(url: str, name: str, query: bool = True) -> str:
+    """An identity provider's URL (a JWKS URL, an issuer, a discovered ``jwks_uri``), or
+    :class:`ConfigError` naming ``name``: ``https``, or ``http`` to a loopback address only;
+    a host; no user-info or fragment (and no query when ``query`` is false); never a
+    link-local, unspecified or multicast address."""
+    if len(url) > MAX_PROVIDER_URL or any(ord(c) <= 32 or ord(c) >= 127 for c in url):
+        raise ConfigError(f"{name}: expected an https URL of printable ASCII, at most "
+                          f"{MAX_PROVIDER_URL} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(f"{name}: {url!r} is not a valid URL") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{name}: expected an https URL with a host, got {url!r}")
+    if "@" in parts.netloc or parts.fragment or "#" in url or (parts.query and not query):
+        raise ConfigError(f"{name}: the URL must have no user information, fragment"
+                          f"{'' if query else ' or query'}, got {url!r}")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None and (ip.is_link_local or ip.is_unspecified or ip.is_multicast):
+        raise ConfigError(f"{name}: {host} is a link-local, unspecified or multicast address")
+    if scheme == "http" and not (host == "localhost" or (ip is not None and ip.is_loopback)):
+        raise ConfigError(f"{name}: plain http is allowed to a loopback address only "
+                          f"(127.0.0.1, ::1, localhost); use https, got {url!r}")
+    return url
 
 
 @dataclass(frozen=True)
@@ -106,7 +154,16 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
     jwt_leeway: float = 0.0
+    #: The identity provider's key set, given (GATEWAY_JWT_JWKS_URL) or to be discovered
+    #: from its issuer (GATEWAY_OIDC_ISSUER); at most one of them is set.
+    jwt_jwks_url: str | None = None
+    oidc_issuer: str | None = None
+    jwks_refresh: float = DEFAULT_JWKS_REFRESH
+    jwks_cooldown: float = DEFAULT_JWKS_COOLDOWN
+    jwks_timeout: float = DEFAULT_JWKS_TIMEOUT
     admin_token: str | None = None
+    #: The key registration credentials are signed with (generated in the data dir if unset).
+    registration_key_file: Path | None = None
     admin_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -147,8 +204,17 @@ class Settings:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
+    def uses_provider(self) -> bool:
+        """Keys come from an identity provider (a JWKS URL or OIDC discovery)."""
+        return self.jwt_jwks_url is not None or self.oidc_issuer is not None
+
+    @property
     def uses_hmac(self) -> bool:
         return any(a in HMAC_ALGORITHMS for a in self.jwt_algorithms)
+
+    @property
+    def registration_key_path(self) -> Path:
+        return self.registration_key_file or self.data_dir / "registration-key"
 
     @property
     def secret_path(self) -> Path:
@@ -262,23 +328,40 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
             " use GATEWAY_WORKERS=1 or the default SQLite store"
         )
 
+    jwks_url = _get(env, "GATEWAY_JWT_JWKS_URL")
+    oidc_issuer = _get(env, "GATEWAY_OIDC_ISSUER")
+    if jwks_url and oidc_issuer:
+        raise ConfigError("GATEWAY_JWT_JWKS_URL: set either it or GATEWAY_OIDC_ISSUER (whose "
+                          "discovery document names the key set), not both")
+    if jwks_url:
+        check_provider_url(jwks_url, "GATEWAY_JWT_JWKS_URL")
+    if oidc_issuer:
+        check_provider_url(oidc_issuer, "GATEWAY_OIDC_ISSUER", query=False)
+    provider = bool(jwks_url or oidc_issuer)
+
+    default_algorithms = ",".join(PROVIDER_ALGORITHMS) if provider else "HS256"
     algorithms = tuple(
-        a.strip() for a in (_get(env, "GATEWAY_JWT_ALGORITHMS") or "HS256").split(",") if a.strip()
+        a.strip() for a in (_get(env, "GATEWAY_JWT_ALGORITHMS") or default_algorithms).split(",")
+        if a.strip()
     )
     for alg in algorithms:
         if alg not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
             raise ConfigError(f"GATEWAY_JWT_ALGORITHMS: unknown or refused algorithm {alg!r}")
     if not algorithms:
         raise ConfigError("GATEWAY_JWT_ALGORITHMS: name at least one algorithm")
+    if provider and not any(a in PUBLIC_KEY_ALGORITHMS for a in algorithms):
+        raise ConfigError("GATEWAY_JWT_ALGORITHMS: the identity provider's keys need a public-key"
+                          f" algorithm (RS256, ES256, EdDSA...), got {','.join(algorithms)}")
     public_key_file = _path(env, "GATEWAY_JWT_PUBLIC_KEY_FILE")
-    if any(a in PUBLIC_KEY_ALGORITHMS for a in algorithms):
-        if public_key_file is None:
-            raise ConfigError(
-                "GATEWAY_JWT_PUBLIC_KEY_FILE: required by the public-key algorithms in"
-                f" GATEWAY_JWT_ALGORITHMS ({','.join(algorithms)})"
-            )
-        if not public_key_file.is_file():
-            raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE: no such file {str(public_key_file)!r}")
+    if any(a in PUBLIC_KEY_ALGORITHMS for a in algorithms) and not provider \
+            and public_key_file is None:
+        raise ConfigError(
+            "GATEWAY_JWT_PUBLIC_KEY_FILE: required by the public-key algorithms in"
+            f" GATEWAY_JWT_ALGORITHMS ({','.join(algorithms)}), unless the keys come from"
+            " GATEWAY_JWT_JWKS_URL or GATEWAY_OIDC_ISSUER"
+        )
+    if public_key_file is not None and not public_key_file.is_file():
+        raise ConfigError(f"GATEWAY_JWT_PUBLIC_KEY_FILE: no such file {str(public_key_file)!r}")
 
     secret_text = _get(env, "GATEWAY_JWT_SECRET")
     secret_file = _path(env, "GATEWAY_JWT_SECRET_FILE")
@@ -322,6 +405,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         raise ConfigError(f"GATEWAY_MAX_CONNECTIONS: must be more than GATEWAY_THREADS ({threads}),"
                           f" so that connections can wait between requests; got {max_connections}")
 
+    registration_key_file = _path(env, "GATEWAY_REGISTRATION_KEY_FILE")
+    if registration_key_file is not None and not registration_key_file.is_file():
+        raise ConfigError("GATEWAY_REGISTRATION_KEY_FILE: no such file "
+                          f"{str(registration_key_file)!r}")
+
     ca_bundle = _get(env, "GATEWAY_UPSTREAM_CA_BUNDLE")
     if ca_bundle and not Path(ca_bundle).is_file():
         raise ConfigError(f"GATEWAY_UPSTREAM_CA_BUNDLE: no such file {ca_bundle!r}")
@@ -342,7 +430,13 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
         jwt_issuer=_get(env, "GATEWAY_JWT_ISSUER"),
         jwt_audience=_get(env, "GATEWAY_JWT_AUDIENCE"),
         jwt_leeway=_float(env, "GATEWAY_JWT_LEEWAY", 0.0, 0.0, 3600.0),
+        jwt_jwks_url=jwks_url,
+        oidc_issuer=oidc_issuer,
+        jwks_refresh=_float(env, "GATEWAY_JWKS_REFRESH", DEFAULT_JWKS_REFRESH, 1.0, 86400.0),
+        jwks_cooldown=_float(env, "GATEWAY_JWKS_COOLDOWN", DEFAULT_JWKS_COOLDOWN, 0.0, 3600.0),
+        jwks_timeout=_float(env, "GATEWAY_JWKS_TIMEOUT", DEFAULT_JWKS_TIMEOUT, 0.1, 30.0),
         admin_token=_get(env, "GATEWAY_ADMIN_TOKEN"),
+        registration_key_file=registration_key_file,
         admin_allow=_networks(env, "GATEWAY_ADMIN_ALLOW", "127.0.0.0/8,::1"),
         trusted_proxies=_networks(env, "GATEWAY_TRUSTED_PROXIES", ""),
         connect_timeout=_float(env, "GATEWAY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, 0.01, 600),
@@ -376,8 +470,21 @@ def read_or_create_secret(settings: Settings) -> bytes:
     """
     if settings.jwt_secret is not None:
         return settings.jwt_secret
-    path = settings.secret_path
-    if settings.jwt_secret_file is None and not path.exists():
+    return _read_or_create_key(settings.secret_path, settings.jwt_secret_file is None,
+                               "GATEWAY_JWT_SECRET_FILE")
+
+
+def read_or_create_registration_key(settings: Settings) -> bytes:
+    """The key registration credentials are signed with: ``GATEWAY_REGISTRATION_KEY_FILE``, or
+    generated once at ``<data dir>/registration-key`` (mode 0600). Distinct from the JWT
+    secret, so no token a client holds is ever a registration credential."""
+    return _read_or_create_key(settings.registration_key_path,
+                               settings.registration_key_file is None,
+                               "GATEWAY_REGISTRATION_KEY_FILE")
+
+
+def _read_or_create_key(path: Path, generate: bool, variable: str) -> bytes:
+    if generate and not path.exists():
         # Write a temporary file, then link it into place: the link fails if another process
         # won the race, and nobody ever reads a half-written key.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,7 +504,7 @@ def read_or_create_secret(settings: Settings) -> bytes:
     try:
         secret = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: cannot read {str(path)!r}: {exc}") from None
+        raise ConfigError(f"{variable}: cannot read {str(path)!r}: {exc}") from None
     if not secret:
-        raise ConfigError(f"GATEWAY_JWT_SECRET_FILE: {str(path)!r} is empty")
+        raise ConfigError(f"{variable}: {str(path)!r} is empty")
     return secret

@@ -42,6 +42,14 @@ class Unauthorized(GatewayError):
     description = "A valid token is required."
 
 
+class Forbidden(GatewayError):
+    """A valid credential that does not allow this: a token without the scopes or claims the
+    service's policy requires, a registration credential for another service."""
+
+    code, error = 403, "forbidden"
+    description = "The credential does not allow this."
+
+
 class NotFound(GatewayError):
     code, error = 404, "not_found"
     description = "Nothing is here."
@@ -134,6 +142,7 @@ class LoopDetected(GatewayError):
 #: werkzeug's own errors (raised by routing) mapped onto our codes.
 _WERKZEUG_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from .addresses import AddressPolicy, ip_addresses
 from .clients import Network, client_address, in_networks
-from .errors import BadRequest, GatewayError, LoopDetected, UnsupportedTransferCoding
+from .errors import BadRequest, Forbidden, GatewayError, LoopDetected, UnsupportedTransferCoding
 from .validation import has_dot_segment
 
 #: A request target as the gateway takes it: printable ASCII, no space, from "/".
@@ -154,6 +154,17 @@ class RequestView:
         force_close = getattr(owner, "force_close", None)
         if force_close is not None:
             force_close()
+
+    def authorise(self) -> None:
+        """The authorise step, after the token: 403 ``forbidden`` unless the verified claims
+        meet what the service's policy requires (scopes, claim values)."""
+        policy = self.policy
+        requirement = policy.require if policy is not None else None
+        if requirement is None:
+            return
+        refusal = requirement.refusal(self.claims or {})
+        if refusal is not None:
+            raise Forbidden(refusal, headers={"WWW-Authenticate": requirement.challenge})
 
     def upstream_path(self) -> str:
         """The path to send up, before the instance's base path (the policy decides whether

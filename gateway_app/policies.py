@@ -14,6 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .authorization import (
+    ClaimHeaders,
+    Requirement,
+    validate_claims_to_headers,
+    validate_require,
+)
 from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
 from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
@@ -35,7 +41,8 @@ MAX_JSON_ADD_BYTES = 16 * 1024
 MAX_JSON_ADD_DEPTH = 16
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
-           "request_headers", "response_headers", "response_json", "balancing", "health_check")
+           "request_headers", "response_headers", "response_json", "balancing", "health_check",
+           "require", "claims_to_headers")
 #: Load-balancing strategies a policy (or GATEWAY_BALANCING) may name.
 STRATEGIES = ("round_robin", "least_in_flight", "random")
 #: Active health check fields: (default, low, high).
@@ -66,6 +73,10 @@ class Policy:
     #: ``None``: the gateway's default strategy.
     balancing: str | None = None
     health_check: dict[str, Any] | None = None
+    #: What a token must carry (scopes, claim values); ``None``: any valid token.
+    require: Requirement | None = None
+    #: Claims passed up as request headers; ``None``: none.
+    claim_headers: ClaimHeaders | None = None
 
     @property
     def transforms_response(self) -> bool:
@@ -169,6 +180,12 @@ def validate_policy(doc: object) -> dict[str, Any]:
     balancing = doc.get("balancing")
     if balancing is not None and balancing not in STRATEGIES:
         raise BadRequest(f"balancing must be one of {', '.join(STRATEGIES)}")
+    request_headers = _headers(doc, "request_headers", GATEWAY_OWNED)
+    require = validate_require(doc.get("require"))
+    claims_to_headers = validate_claims_to_headers(doc.get("claims_to_headers"), request_headers)
+    if auth == "none" and (require or claims_to_headers):
+        raise BadRequest("require and claims_to_headers need a token: they cannot go with "
+                         "auth 'none'")
     return {
         "balancing": balancing,
         "health_check": _health_check(doc.get("health_check")),
@@ -177,9 +194,11 @@ def validate_policy(doc: object) -> dict[str, Any]:
         "read_timeout": _number(doc, "read_timeout", 3600),
         "rate_limit": rate_limit,
         "auth": auth,
-        "request_headers": _headers(doc, "request_headers", GATEWAY_OWNED),
+        "request_headers": request_headers,
         "response_headers": _headers(doc, "response_headers", GATEWAY_OWNED_RESPONSE),
         "response_json": {"add": json_add},
+        "require": require,
+        "claims_to_headers": claims_to_headers,
     }
 
 
@@ -214,4 +233,6 @@ def compile_policy(stored: dict[str, Any]) -> Policy:
         json_add=dict((stored.get("response_json") or {}).get("add") or {}),
         balancing=stored.get("balancing"),
         health_check=stored.get("health_check"),
+        require=Requirement.compile(stored.get("require")),
+        claim_headers=ClaimHeaders.compile(stored.get("claims_to_headers")),
     )

@@ -4,8 +4,8 @@ The request arrives with its one view (:class:`~gateway_app.front.RequestView`),
 edge from the raw target; a malformed path or a loop was refused there (400, 508). Then, in
 the order of the README's status table: the policy of the service segment as sent (in
 ``before_request``), the token (401, the :func:`~gateway_app.auth.require_jwt` decorator),
-the service (404), the body size (413), the rate limit (429), and the upstream (502, 503,
-504).
+what the policy requires of it (403, the view's ``authorise``), the service (404), the body
+size (413), the rate limit (429), and the upstream (502, 503, 504).
 """
 
 from __future__ import annotations
@@ -137,10 +137,11 @@ def count_refused_token(exc: Unauthorized) -> Response:
 @bp.route("/<service:name>/<rest:rest>", methods=METHODS, provide_automatic_options=False)
 @require_jwt
 def proxy(name: str, rest: str | None = None) -> Response:
-    """Route, (authenticate: the decorator), limit, choose and forward, respond: each step
-    reads the request's one view (``name`` is its service segment, as sent)."""
+    """(Authenticate: the decorator), authorise, route, limit, choose and forward, respond:
+    each step reads the request's one view (``name`` is its service segment, as sent)."""
     gw = current_app.extensions["gateway"]
     view = g.view
+    view.authorise()
     service = _route(gw, view)
     body = _request_body(view, request.environ, gw.settings.max_body_bytes)
     _limit(gw, view)
@@ -349,8 +350,13 @@ def _request_body(view: RequestView, environ: dict[str, Any], limit: int
 def _upstream_headers(environ: dict[str, Any], view: RequestView, instance: Any,
                       pseudonym: str) -> dict[str, str]:
     """The headers sent up: the client's end-to-end ones, then the gateway's own, all from the
-    request's view (the ``X-Forwarded-*`` of a trusted proxy only)."""
+    request's view (the ``X-Forwarded-*`` of a trusted proxy only). Claims the policy passes
+    up as headers replace the client's copies, which are dropped even when the claim is
+    missing."""
     dropped = dropped_headers(_DROPPED, environ.get("HTTP_CONNECTION"))
+    claim_headers = view.policy.claim_headers if view.policy is not None else None
+    if claim_headers is not None:
+        dropped = dropped | claim_headers.names
     headers: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith("HTTP_"):
@@ -375,6 +381,8 @@ def _upstream_headers(environ: dict[str, Any], view: RequestView, instance: Any,
     claims = view.claims
     if claims is not None and claims.get("sub") is not None:
         headers["X-Authenticated-Subject"] = claims["sub"]
+    if claim_headers is not None:
+        claim_headers.apply(headers, claims)
     return headers
 
 

@@ -11,8 +11,13 @@
 With a ``ttl`` the instance holds a lease: a daemon thread renews it every ``ttl / 3`` seconds,
 and registers again when the gateway answers 404 (it restarted without the registration, or
 the lease lapsed while the network was down). Without a ``ttl`` it registers once with the
-seed's text body ``name,address`` and stays until deregistered. ``GATEWAY_ADMIN_TOKEN`` in the
-environment is sent as a bearer token when set.
+seed's text body ``name,address`` and stays until deregistered.
+
+From an address outside ``GATEWAY_ADMIN_ALLOW`` it needs a credential, sent as a bearer
+token: a registration credential for its service (``registration_token=``, else
+``GATEWAY_REGISTRATION_TOKEN`` in the environment; made with ``gateway token --register
+NAME``), or the admin token (``admin_token=``, else ``GATEWAY_ADMIN_TOKEN``). The
+registration credential is preferred: it can touch nothing but its own services.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class RegistrationError(Exception):
 class SelfRegistration:
     def __init__(self, gateway_url: str, name: str, address: str, ttl: float | None = None,
                  weight: int | None = None, metadata: dict[str, str] | None = None,
-                 admin_token: str | None = None, timeout: float = 5.0) -> None:
+                 admin_token: str | None = None, timeout: float = 5.0,
+                 registration_token: str | None = None) -> None:
         self.gateway_url = gateway_url.rstrip("/")
         self.name = name
         self.address = address
@@ -46,9 +52,11 @@ class SelfRegistration:
         #: The instance as the gateway last described it (``id``, ``expires_at``...).
         self.instance: dict[str, Any] | None = None
         self._session = requests.Session()
-        token = admin_token or os.environ.get("GATEWAY_ADMIN_TOKEN")
+        token = (registration_token or admin_token
+                 or os.environ.get("GATEWAY_REGISTRATION_TOKEN")
+                 or os.environ.get("GATEWAY_ADMIN_TOKEN"))
         if token:
-            self._session.headers["Authorization"] = f"Bearer {token}"
+            self._session.headers["Authorization"] = f"Bearer {token.strip()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

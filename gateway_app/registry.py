@@ -6,6 +6,10 @@ This is the seed's ``Arc<RwLock<HashMap>>`` made to work across gunicorn's proce
   :class:`Snapshot` reference. A snapshot is never mutated, so reading it takes no lock.
 * Writers (the registry API) hold the write lock, commit to the store, then load the store's
   new state and publish a fresh snapshot before they answer.
+* Revoked registration credentials travel with the policies: each is stored as a policy
+  under a name no service can have (``_revoked:<id>``, see :data:`REVOKED_PREFIX`), so a
+  revocation reaches every worker (and, with Redis, every node) the way a policy write does,
+  through the stores as they are. Snapshots keep them apart from the policies.
 * A watcher thread per worker process compares the store's change counter with its snapshot's
   every ``refresh_interval`` seconds (0.1 s by default: one cheap query) and reloads when
   another process wrote, so a change made through any worker reaches every worker well within
@@ -37,6 +41,9 @@ from .validation import instance_id
 
 log = logging.getLogger("gateway.registry")
 T = TypeVar("T")
+#: Store policy names under which revoked registration credentials are kept (``_revoked:ID``
+#: -> ``{"until": expiry}``). A service name cannot start with "_", so none collides.
+REVOKED_PREFIX = "_revoked:"
 
 
 class Instance:
@@ -186,13 +193,19 @@ class Snapshot:
 
     #: Service names in order, for the paginated listing.
     names: tuple[str, ...] = ()
+    #: Revoked registration credentials: id -> when its revocation may be forgotten.
+    revoked: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_state(cls, state: StoreState, health: HealthTracker | None = None,
                    default_strategy: str = "round_robin") -> Snapshot:
         """The whole registry, from a full load."""
         health = health or HealthTracker()
-        policies = {name: compile_policy(doc) for name, doc in state.policies.items()}
+        docs = {name: doc for name, doc in state.policies.items()
+                if not name.startswith(REVOKED_PREFIX)}
+        revoked = {name[len(REVOKED_PREFIX):]: float(doc.get("until", 0))
+                   for name, doc in state.policies.items() if name.startswith(REVOKED_PREFIX)}
+        policies = {name: compile_policy(doc) for name, doc in docs.items()}
         grouped: dict[str, list[InstanceRecord]] = {}
         for record in state.instances:
             grouped.setdefault(record.service, []).append(record)
@@ -205,9 +218,10 @@ class Snapshot:
             version=state.version,
             services=services,
             policies=policies,
-            policy_docs=state.policies,
+            policy_docs=docs,
             next_expiry=min(expiries) if expiries else None,
             names=tuple(sorted(services)),
+            revoked=revoked,
         )
 
     def apply(self, changes: StoreChanges, health: HealthTracker,
@@ -222,8 +236,16 @@ class Snapshot:
         for record in changes.instances:
             grouped.setdefault(record.service, []).append(record)
         added, removed = [], []
+        revoked: dict[str, float] | None = None  # copied at the first revocation changed
         for name in changes.services:
             doc = changes.policies.get(name)
+            if name.startswith(REVOKED_PREFIX):  # a revoked credential, not a service
+                revoked = dict(self.revoked) if revoked is None else revoked
+                if doc is None:
+                    revoked.pop(name[len(REVOKED_PREFIX):], None)
+                else:
+                    revoked[name[len(REVOKED_PREFIX):]] = float(doc.get("until", 0))
+                continue
             if doc is None:
                 policies.pop(name, None)
                 policy_docs.pop(name, None)
@@ -263,6 +285,7 @@ class Snapshot:
             policy_docs=policy_docs,
             next_expiry=min(expiries) if expiries else None,
             names=names,
+            revoked=self.revoked if revoked is None else revoked,
         )
 
 
@@ -509,6 +532,23 @@ class Registry:
 
     def delete_policy(self, name: str) -> bool:
         return self._write(self.store.delete_policy, name)
+
+    def revoke(self, credential_id: str, until: float, limit: int) -> None:
+        """Keep a registration credential's id as revoked until ``until`` (its latest possible
+        expiry), forgetting revocations whose time has passed. :class:`ValueError` when
+        ``limit`` revocations are already kept."""
+        with self._write_lock:
+            snapshot = self._reload_locked()
+            now = time.time()
+            for old, old_until in snapshot.revoked.items():
+                if old_until < now:
+                    self._call(self.store.delete_policy, REVOKED_PREFIX + old)
+            live = sum(1 for u in snapshot.revoked.values() if u >= now)
+            if credential_id not in snapshot.revoked and live >= limit:
+                raise ValueError(f"{live} credentials are revoked already")
+            self._call(self.store.put_policy, REVOKED_PREFIX + credential_id,
+                       {"until": until})
+            self._reload_locked()
 
 
 def _forget_watcher(ref: weakref.ref[Registry]) -> None:
