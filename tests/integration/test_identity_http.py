@@ -28,6 +28,10 @@ def provider_gateway(start_gateway, upstream, idp):
         env.setdefault("GATEWAY_JWT_JWKS_URL", idp.jwks_url)
         env.setdefault("GATEWAY_WORKERS", str(WORKERS))
         gateway = start_gateway(**env)
+        if env["GATEWAY_JWT_JWKS_URL"] == idp.jwks_url and idp.fetch_count():
+            # A worker's pid is there before its app (and its first fetch) is: wait for those.
+            wait_for(lambda: idp.fetch_count() >= 1 + int(env["GATEWAY_WORKERS"]), 30,
+                     what="every worker's first fetch of the keys")
         assert gateway.register("svc", upstream.address).status_code == 201
         return gateway
     return start
