@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import stores
+from .ratelimit import RateLimit, RateLimitError, parse_rate_limit
+
 #: Default seconds to wait for an upstream to accept a connection.
 DEFAULT_CONNECT_TIMEOUT = 2.0
 #: Default seconds to wait for an upstream's answer (between bytes).
@@ -55,13 +58,8 @@ MIN_SECRET_BYTES = 32
 #: Requests refused for their token, per client address: past it, 429 instead of 401.
 DEFAULT_AUTH_FAILURE_LIMIT = "10/second, burst=50"
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-#: A rate limit's N and its burst B are each 1 to this many tokens.
-MAX_RATE_LIMIT = 10**9
-
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$",
-                      re.ASCII)
-_PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+#: Load-balancing strategies a policy (or GATEWAY_BALANCING) may name.
+STRATEGIES = ("round_robin", "least_in_flight", "random")
 
 
 class ConfigError(ValueError):
@@ -100,41 +98,6 @@ def check_provider_url(url: str, name: str, query: bool = True) -> str:
         raise ConfigError(f"{name}: plain http is allowed to a loopback address only "
                           f"(127.0.0.1, ::1, localhost); use https, got {url!r}")
     return url
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    """A token bucket: ``capacity`` tokens, refilled at ``rate`` tokens per second."""
-
-    limit: int
-    period: float
-    burst: int
-
-    @property
-    def rate(self) -> float:
-        return self.limit / self.period
-
-    @property
-    def capacity(self) -> int:
-        return self.burst
-
-
-def parse_rate_limit(text: str, name: str = "rate_limit") -> RateLimit:
-    """Parse ``N/second``, ``N/minute`` or ``N/hour``, optionally ``, burst=B``."""
-    match = _RATE_RE.match(text)
-    if not match:
-        raise ConfigError(f"{name}: expected N/second, N/minute or N/hour (optionally ', burst=B'),"
-                          f" got {text[:64]!r}")
-    counts = []
-    for digits in (match.group(1), match.group(3) or match.group(1)):
-        # The length first: int() of thousands of digits is slow, then refused outright.
-        count = int(digits) if len(digits) <= 12 else 0
-        if not 1 <= count <= MAX_RATE_LIMIT:
-            raise ConfigError(f"{name}: the limit and the burst must each be between 1 and "
-                              f"{MAX_RATE_LIMIT}, got {text[:64]!r}")
-        counts.append(count)
-    limit, burst = counts
-    return RateLimit(limit=limit, period=_PERIODS[match.group(2)], burst=burst)
 
 
 @dataclass(frozen=True)
@@ -292,22 +255,17 @@ def _path(env: Mapping[str, object], key: str) -> Path | None:
 
 def validate_store_url(url: str) -> str:
     """Check a ``GATEWAY_STORE`` URL's form; the store itself opens it later."""
-    if url == "memory://":
-        return url
-    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
-        return url
-    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
-        from .stores.redis import parse_url  # the form only: nothing connects here
+    try:
+        return stores.check_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"GATEWAY_STORE: {exc}") from None
 
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"GATEWAY_STORE: {exc}") from None
-        return url
-    raise ConfigError(
-        "GATEWAY_STORE: expected sqlite:///PATH, memory:// or redis://HOST:PORT/DB,"
-        f" got {url!r}"
-    )
+
+def _rate_limit(text: str, name: str) -> RateLimit:
+    try:
+        return parse_rate_limit(text, name)
+    except RateLimitError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_settings(env: Mapping[str, object] | None = None) -> Settings:
@@ -377,11 +335,11 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
     rate_text = _get(env, "GATEWAY_RATE_LIMIT")
     rate_limit = None
     if rate_text and rate_text.lower() != "off":
-        rate_limit = parse_rate_limit(rate_text, "GATEWAY_RATE_LIMIT")
+        rate_limit = _rate_limit(rate_text, "GATEWAY_RATE_LIMIT")
 
     balancing = _get(env, "GATEWAY_BALANCING") or "round_robin"
-    if balancing not in ("round_robin", "least_in_flight", "random"):
-        raise ConfigError("GATEWAY_BALANCING: expected round_robin, least_in_flight or random,"
+    if balancing not in STRATEGIES:
+        raise ConfigError(f"GATEWAY_BALANCING: expected one of {', '.join(STRATEGIES)},"
                           f" got {balancing!r}")
 
     cpu_affinity = (_get(env, "GATEWAY_CPU_AFFINITY") or "auto").lower()
@@ -399,7 +357,7 @@ def load_settings(env: Mapping[str, object] | None = None) -> Settings:
 
     failure_text = _get(env, "GATEWAY_AUTH_FAILURE_LIMIT") or DEFAULT_AUTH_FAILURE_LIMIT
     auth_failure_limit = (None if failure_text.lower() == "off"
-                          else parse_rate_limit(failure_text, "GATEWAY_AUTH_FAILURE_LIMIT"))
+                          else _rate_limit(failure_text, "GATEWAY_AUTH_FAILURE_LIMIT"))
     max_connections = _int(env, "GATEWAY_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1_000_000)
     if max_connections <= threads:
         raise ConfigError(f"GATEWAY_MAX_CONNECTIONS: must be more than GATEWAY_THREADS ({threads}),"

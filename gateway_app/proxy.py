@@ -20,7 +20,6 @@ from werkzeug.wsgi import ClosingIterator
 
 from . import transforms
 from .auth import require_jwt
-from .config import RateLimit
 from .errors import (
     BadGateway,
     BadRequest,
@@ -34,20 +33,12 @@ from .errors import (
     Unauthorized,
     error_response,
 )
-from .forwarding import (
-    CHUNK_SIZE,
-    GATEWAY_OWNED,
-    HOP_BY_HOP,
-    BodyReader,
-    dropped_headers,
-    open_body,
-    read_upto,
-    release,
-)
+from .forwarding import CHUNK_SIZE, BodyReader, open_body, read_upto, release
 from .front import RequestView, traceparent, via_header
+from .headers import GATEWAY_OWNED, HOP_BY_HOP, dropped_headers
 from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
-from .ratelimit import Decision, refused_credential_key
+from .ratelimit import Decision, RateLimit, refused_credential_key
 from .registry import Instance, Service
 from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
 from .transport import Deadline
@@ -170,7 +161,7 @@ def _limit(gw: Any, view: RequestView) -> None:
     view.extra_headers = decision.headers()
     if not decision.allowed:
         raise RateLimited(f"rate limit of {limit.limit} requests per "
-                          f"{_PERIOD_NAMES[limit.period]} exceeded")
+                          f"{limit.period_name} exceeded")
 
 
 def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> Response:
@@ -310,9 +301,6 @@ def _client_side(view: RequestView, read: Any) -> Any:
     except GatewayError:
         view.close_connection()
         raise
-
-
-_PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
 
 
 def _limit_for(settings: Any, policy: Policy) -> RateLimit | None:
