@@ -22,8 +22,7 @@ from typing import Any, NoReturn
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from . import audit
-from .clients import in_networks
-from .clock import rfc3339
+from .client_address import in_networks
 from .credentials import (
     ID_RE,
     MAX_REVOKED,
@@ -45,6 +44,7 @@ from .policies import validate_policy
 from .ratelimit import refused_credential_key
 from .registry import Instance
 from .stores import InstanceRecord
+from .timestamps import rfc3339
 from .validation import (
     NAME_RE,
     check_metadata,

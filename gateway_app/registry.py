@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .clock import rfc3339
 from .errors import StoreUnavailable
 from .health import HealthTracker, InstanceHealth
 from .policies import DEFAULT_POLICY, Policy, compile_policy
 from .stores import InstanceRecord, Store, StoreChanges, StoreError, StoreState
+from .timestamps import rfc3339
 from .validation import instance_id
 
 log = logging.getLogger("gateway.registry")
