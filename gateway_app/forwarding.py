@@ -4,15 +4,17 @@ HTTP libraries turned into the gateway's own.
 The :class:`Forwarder` sends each request through requests' :class:`~requests.adapters.
 HTTPAdapter` over the pooled connections of :mod:`~gateway_app.transport`, with the fast
 paths of :mod:`~gateway_app.fastpaths` that are switched on and available. The request is
-prepared by hand, not by ``Session.request``: requests would re-quote the URL, merge settings,
-run hooks and read ``trust_env`` on every call. Nothing on the shared objects is mutated per
-request. Health probes go through the same forwarder, so they meet the same TLS settings and
-address checks as the traffic.
+prepared by hand and given to the adapter, with no ``Session``: requests would re-quote the
+URL, merge settings, run hooks and read ``trust_env`` on every call. Nothing on the shared
+objects is mutated per request. Health probes go through the same forwarder, so they meet the
+same TLS settings and address checks as the traffic.
 
-This is the only module that catches the exceptions of requests, urllib3, http.client and the
-upstream socket: :func:`upstream_error` turns each into a
-:class:`~gateway_app.errors.GatewayError` (502 or 504) before the answer starts; after it,
-:func:`stream_body` cuts the connection (:class:`UpstreamAborted`).
+Of the exchanges with upstreams (traffic and health probes alike), this is the only module that
+catches the exceptions of requests, urllib3, http.client and the upstream socket (the identity
+provider's fetches in :mod:`~gateway_app.jwks` and the registration clients catch their own):
+:func:`upstream_error` turns each into a :class:`~gateway_app.errors.GatewayError` (502 or
+504) before the answer starts; after it, :func:`stream_body` cuts the connection
+(:class:`UpstreamAborted`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import logging
 import ssl
 import time
 from collections.abc import Iterator
-from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 
 import requests
@@ -166,18 +167,15 @@ class Forwarder:
                  fast_paths: frozenset[str] = frozenset(FAST_PATH_NAMES)) -> None:
         #: The fast paths in use: those asked for that the installed libraries allow.
         self.fast_paths = fastpaths.available(fast_paths)
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        # No requests.Session: the adapter is called directly, so a session's cookie jar,
+        # environment proxies and mounts would never be consulted.
         self.adapter = Adapter(
             transport.tls_context(ca_bundle),
             fastpaths.transport_classes(self.fast_paths, addresses or AddressPolicy()),
             pool_connections=256, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
 
     def close(self) -> None:
-        self.session.close()
+        self.adapter.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
              body: BodyReader | bytes | None, connect_timeout: float, read_timeout: float,

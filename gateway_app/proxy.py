@@ -40,7 +40,7 @@ from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision, RateLimit, refused_credential_key
 from .registry import Instance, Service
-from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
+from .retries import REPLAYABLE_BODY_BYTES, is_idempotent, may_retry
 from .transport import Deadline
 from .validation import NAME_RE, RESERVED_NAMES
 
@@ -234,7 +234,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
     body, length = request_body
     method = view.method
     environ = request.environ
-    idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+    idempotent = is_idempotent(method, environ)
     if isinstance(body, BodyReader) and (length is None or int(length) <= REPLAYABLE_BODY_BYTES):
         # A small body (of either framing) is read before any upstream is contacted, as
         # nginx buffers: kept, it can be sent again, and a malformed one never goes up.
@@ -276,10 +276,9 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
             health.failed(instance.health, time.time(), exc.error)
-            unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
-            replayable = idempotent and not isinstance(body, BodyReader)
-            if (len(tried) < MAX_RETRIES and (unsent or replayable)
-                    and deadline.remaining() > 0.05 and gw.retries.try_retry()):
+            streamed = body.sent if isinstance(body, BodyReader) else None
+            if may_retry(exc.safe_to_retry, idempotent, streamed, len(tried),
+                         deadline.remaining(), gw.retries):
                 log.info("retrying %s %s on another instance after: %s", method,
                          service.name, exc.description)
                 tried.add(instance.id)
