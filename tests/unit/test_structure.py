@@ -12,7 +12,6 @@ MAX_LINES = 450
 LONGER: dict[str, str] = {
     "registry.py": "being split by another change (balancing leaves it for balancing.py)",
     "config.py": "pending: settings tables vs their parsing",
-    "jwks.py": "pending: fetching and discovery vs the key cache",
     "transport.py": "pending: the strict answer head vs connections and the adapter",
     "workers.py": "pending: the front-door loop vs balancing and the gunicorn checks",
 }
