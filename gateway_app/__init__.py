@@ -19,9 +19,7 @@ from . import accesslog, audit
 from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
 from .config import (
-    MIN_SECRET_BYTES,
     ConfigError,
-    Settings,
     load_settings,
     read_or_create_registration_key,
     read_or_create_secret,
@@ -35,6 +33,7 @@ from .jwks import ProviderError, ProviderKeys
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget
+from .settings import MIN_SECRET_BYTES, Settings
 from .stores import is_redis_url, open_store
 
 __all__ = ["create_app", "GatewayState"]

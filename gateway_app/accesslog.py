@@ -19,7 +19,7 @@ from typing import Any
 
 from flask import Response, g
 
-from .config import Settings
+from .settings import Settings
 from .timestamps import rfc3339
 
 log = logging.getLogger("gateway.access")

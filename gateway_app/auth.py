@@ -26,9 +26,10 @@ from typing import Any
 import jwt
 from flask import current_app, g, request
 
-from .config import HMAC_ALGORITHMS, ConfigError, Settings
+from .config import ConfigError
 from .errors import Unauthorized
 from .jwks import ProviderKeys
+from .settings import HMAC_ALGORITHMS, Settings
 
 #: Tokens longer than this are refused unread.
 MAX_TOKEN_BYTES = 8192

@@ -39,7 +39,6 @@ from urllib3.util import SKIP_HEADER
 
 from . import fastpaths, transport
 from .addresses import AddressPolicy
-from .config import FAST_PATH_NAMES
 from .errors import (
     BadGateway,
     BadRequest,
@@ -48,14 +47,9 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from .transport import (
-    Adapter,
-    Deadline,
-    RefusedAddressError,
-    UpstreamProtocolError,
-    UpstreamRequest,
-    UpstreamResponse,
-)
+from .settings import FAST_PATH_NAMES
+from .transport import Adapter, Deadline, RefusedAddressError, UpstreamRequest, UpstreamResponse
+from .upstream_head import UpstreamProtocolError
 
 log = logging.getLogger("gateway.forwarding")
 

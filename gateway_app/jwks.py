@@ -54,11 +54,7 @@ from typing import Any
 import jwt
 from jwt.exceptions import PyJWTError
 
-from .config import (
-    PUBLIC_KEY_ALGORITHMS,
-    ConfigError,
-    Settings,
-)
+from .config import ConfigError
 from .jwks_fetch import (
     ProviderError,
     ProviderUnavailable,
@@ -66,6 +62,7 @@ from .jwks_fetch import (
     fetch_json,
     max_age,
 )
+from .settings import PUBLIC_KEY_ALGORITHMS, Settings
 
 log = logging.getLogger("gateway.jwks")
 

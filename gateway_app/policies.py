@@ -20,10 +20,10 @@ from .authorization import (
     validate_claims_to_headers,
     validate_require,
 )
-from .config import STRATEGIES
 from .errors import BadRequest
 from .headers import GATEWAY_OWNED, HOP_BY_HOP
 from .ratelimit import RateLimit, RateLimitError, parse_rate_limit
+from .settings import STRATEGIES
 from .validation import check_json_value, has_dot_segment
 
 log = logging.getLogger("gateway.policies")
