@@ -27,7 +27,7 @@ from gateway_app.jwks import check_provider
 from gateway_app.ratelimit import SharedBuckets
 from gateway_app.stores import StoreError
 from gateway_app.stores import sqlite as sqlite_store
-from gateway_app.workers import FREE, ConnectionBoard
+from gateway_app.worker_balance import FREE, ConnectionBoard
 
 # One name for this gateway in the Via header it adds, shared by all its workers (they inherit
 # the environment), so a request that comes back to any of them is seen as a loop.
@@ -52,7 +52,7 @@ reuse_port = (hasattr(socket, "SO_REUSEPORT") and not bind.startswith(("unix:", 
 # bodies) within the client timeouts before a thread takes them, and closes connections
 # without blocking; it sheds connections while it holds more than its share, so the kernel's
 # hash does not leave one worker with most of a client's keep-alive connections (see
-# gateway_app/workers.py).
+# gateway_app/workers.py and gateway_app/worker_balance.py).
 worker_class = "gateway_app.workers.BalancedThreadWorker"
 workers = _settings.workers
 threads = _settings.threads

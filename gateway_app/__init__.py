@@ -19,9 +19,7 @@ from . import accesslog, audit
 from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
 from .config import (
-    MIN_SECRET_BYTES,
     ConfigError,
-    Settings,
     load_settings,
     read_or_create_registration_key,
     read_or_create_secret,
@@ -35,7 +33,8 @@ from .jwks import ProviderError, ProviderKeys
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget
-from .stores import open_store
+from .settings import MIN_SECRET_BYTES, Settings
+from .stores import is_redis_url, open_store
 
 __all__ = ["create_app", "GatewayState"]
 
@@ -116,6 +115,17 @@ def build_verifier(settings: Settings, with_provider: bool = True) -> TokenVerif
     return TokenVerifier(settings, secret, public_keys, provider)
 
 
+def build_limiter(settings: Settings) -> Limiter:
+    """The rate limiter: in Redis when the registry is (every node then shares each limit),
+    else in a file shared by this machine's workers."""
+    if is_redis_url(settings.store):
+        from .redis_limiter import RedisLimiter
+        from .stores.redis_client import parse_url
+
+        return RedisLimiter(parse_url(settings.store), fail_open=settings.rate_limit_fail_open)
+    return SharedBuckets(settings.data_dir / "ratelimit.buckets")
+
+
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build a gateway from ``GATEWAY_*`` environment variables, then ``overrides``."""
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
@@ -123,7 +133,6 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings(env)
 
     app = GatewayFlask(__name__)
-    app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.merge_slashes = False  # "/svc//x" is forwarded as sent, not redirected
     app.url_map.strict_slashes = False
@@ -145,8 +154,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         registry=registry,
         verifier=build_verifier(settings),
         forwarder=forwarder,
-        limiter=(store.make_limiter(settings)
-                 or SharedBuckets(settings.data_dir / "ratelimit.buckets")),
+        limiter=build_limiter(settings),
         retries=RetryBudget(),
         checker=ActiveChecker(registry, registry.health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,

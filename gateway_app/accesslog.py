@@ -19,8 +19,8 @@ from typing import Any
 
 from flask import Response, g
 
-from .clock import rfc3339
-from .config import Settings
+from .settings import Settings
+from .timestamps import rfc3339
 
 log = logging.getLogger("gateway.access")
 

@@ -22,8 +22,8 @@ from typing import Any, NoReturn
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from . import audit
-from .clients import in_networks
-from .clock import rfc3339
+from .auth import bearer_token
+from .client_address import in_networks
 from .credentials import (
     ID_RE,
     MAX_REVOKED,
@@ -45,6 +45,7 @@ from .policies import validate_policy
 from .ratelimit import refused_credential_key
 from .registry import Instance
 from .stores import InstanceRecord
+from .timestamps import rfc3339
 from .validation import (
     NAME_RE,
     check_metadata,
@@ -95,15 +96,13 @@ def authorise() -> None:
         g.actor = f"address {view.client}"
         return
     header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    bearer = scheme.lower() == "bearer" and bool(token)
+    token = bearer_token(header)
     expected = settings.admin_token
-    if (expected and bearer
+    if (expected and token is not None
             and hmac.compare_digest(token.encode(), expected.encode())):
         g.actor = "admin token"
         return
-    if bearer and token.count(".") == 2:
+    if token is not None and token.count(".") == 2:
         try:
             credential = gw.credentials.verify(token, gw.registry.current().revoked)
         except InvalidCredential:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from .clock import rfc3339
+from .timestamps import rfc3339
 
 log = logging.getLogger("gateway.audit")
 #: Text values made of these characters are written bare; others are JSON-quoted.

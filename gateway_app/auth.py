@@ -26,9 +26,10 @@ from typing import Any
 import jwt
 from flask import current_app, g, request
 
-from .config import HMAC_ALGORITHMS, ConfigError, Settings
+from .config import ConfigError
 from .errors import Unauthorized
 from .jwks import ProviderKeys
+from .settings import HMAC_ALGORITHMS, Settings
 
 #: Tokens longer than this are refused unread.
 MAX_TOKEN_BYTES = 8192
@@ -253,16 +254,25 @@ class TokenVerifier:
         return jwt.encode(payload, key, algorithm=alg)
 
 
+def bearer_token(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme in any case);
+    ``None`` for any other header, or none."""
+    scheme, _, rest = (value or "").strip().partition(" ")
+    token = rest.strip()
+    return token if token and scheme.lower() == "bearer" else None
+
+
 def token_from_header(value: str | None) -> str | None:
     """The token of an ``Authorization`` header: ``Bearer <token>`` or the bare token."""
     if not value:
         return None
+    token = bearer_token(value)
+    if token is not None:
+        return token
     scheme, _, rest = value.strip().partition(" ")
-    if not rest:
-        return scheme  # the seed's client sends the token bare
-    if scheme.lower() == "bearer":
-        return rest.strip() or None
-    return value  # another scheme: verification fails, reported as an invalid token
+    # The seed's client sends the token bare; another scheme fails verification, reported as
+    # an invalid token.
+    return value if rest else scheme
 
 
 NO_TOKEN_CHALLENGE = 'Bearer realm="gateway"'  # noqa: S105 (not a secret)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequest
-from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
+from .headers import GATEWAY_OWNED, HOP_BY_HOP
 
 log = logging.getLogger("gateway.authorization")
 

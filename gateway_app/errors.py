@@ -1,4 +1,4 @@
-"""The gateway's errors: one class per row of the status table in SPEC section 5.
+"""The gateway's errors: one class per row of the status table in the README (Proxying).
 
 Each error is a werkzeug :class:`~werkzeug.exceptions.HTTPException`, so Flask's machinery
 knows its status, and carries the stable ``error`` code clients match on. App-level handlers
@@ -68,11 +68,6 @@ class InstanceNotFound(NotFound):
 class PolicyNotFound(NotFound):
     error = "policy_not_found"
     description = "The service has no policy."
-
-
-class MethodNotAllowed(GatewayError):
-    code, error = 405, "method_not_allowed"
-    description = "The method is not allowed here."
 
 
 class RequestTimeout(GatewayError):

@@ -54,16 +54,9 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import SKIP_HEADER
 
 from .addresses import AddressPolicy
-from .config import FAST_PATH_NAMES
-from .transport import (
-    MAX_HEADERS,
-    MAX_LINE,
-    DeadlineSocket,
-    UpstreamHTTPConnection,
-    UpstreamHTTPResponse,
-    UpstreamHTTPSConnection,
-    capped,
-)
+from .settings import FAST_PATH_NAMES
+from .transport import DeadlineSocket, UpstreamHTTPConnection, UpstreamHTTPSConnection, capped
+from .upstream_head import MAX_HEADERS, MAX_LINE, UpstreamHTTPResponse
 
 log = logging.getLogger("gateway.fastpaths")
 

@@ -4,15 +4,17 @@ HTTP libraries turned into the gateway's own.
 The :class:`Forwarder` sends each request through requests' :class:`~requests.adapters.
 HTTPAdapter` over the pooled connections of :mod:`~gateway_app.transport`, with the fast
 paths of :mod:`~gateway_app.fastpaths` that are switched on and available. The request is
-prepared by hand, not by ``Session.request``: requests would re-quote the URL, merge settings,
-run hooks and read ``trust_env`` on every call. Nothing on the shared objects is mutated per
-request. Health probes go through the same forwarder, so they meet the same TLS settings and
-address checks as the traffic.
+prepared by hand and given to the adapter, with no ``Session``: requests would re-quote the
+URL, merge settings, run hooks and read ``trust_env`` on every call. Nothing on the shared
+objects is mutated per request. Health probes go through the same forwarder, so they meet the
+same TLS settings and address checks as the traffic.
 
-This is the only module that catches the exceptions of requests, urllib3, http.client and the
-upstream socket: :func:`upstream_error` turns each into a
-:class:`~gateway_app.errors.GatewayError` (502 or 504) before the answer starts; after it,
-:func:`stream_body` cuts the connection (:class:`UpstreamAborted`).
+Of the exchanges with upstreams (traffic and health probes alike), this is the only module that
+catches the exceptions of requests, urllib3, http.client and the upstream socket (the identity
+provider's fetches in :mod:`~gateway_app.jwks` and the registration clients catch their own):
+:func:`upstream_error` turns each into a :class:`~gateway_app.errors.GatewayError` (502 or
+504) before the answer starts; after it, :func:`stream_body` cuts the connection
+(:class:`UpstreamAborted`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import logging
 import ssl
 import time
 from collections.abc import Iterator
-from http.cookiejar import DefaultCookiePolicy
 from typing import IO, Any
 
 import requests
@@ -38,7 +39,6 @@ from urllib3.util import SKIP_HEADER
 
 from . import fastpaths, transport
 from .addresses import AddressPolicy
-from .config import FAST_PATH_NAMES
 from .errors import (
     BadGateway,
     BadRequest,
@@ -47,41 +47,14 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from .transport import (
-    Adapter,
-    Deadline,
-    RefusedAddressError,
-    UpstreamProtocolError,
-    UpstreamRequest,
-    UpstreamResponse,
-)
+from .settings import FAST_PATH_NAMES
+from .transport import Adapter, Deadline, RefusedAddressError, UpstreamRequest, UpstreamResponse
+from .upstream_head import UpstreamProtocolError
 
 log = logging.getLogger("gateway.forwarding")
 
 #: Bytes read from a body (either direction) at a time.
 CHUNK_SIZE = 64 * 1024
-#: Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-})
-#: Request headers the gateway sets itself; a client's own values are dropped.
-GATEWAY_OWNED = frozenset({
-    "host", "content-length", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-    "x-forwarded-prefix", "x-forwarded-port", "forwarded", "x-real-ip", "x-request-id",
-    "x-authenticated-subject", "via", "traceparent", "tracestate",
-})
-
-
-def dropped_headers(base: frozenset[str], connection: str | None) -> frozenset[str]:
-    """``base`` plus the header names a ``Connection`` header lists (lower-cased); ``base``
-    itself, with nothing allocated, in the usual case of no tokens beyond it."""
-    if not connection:
-        return base
-    tokens = {t.strip().lower() for t in connection.split(",")} - {""}
-    return base if tokens <= base else base | tokens
-
-
 class ClientBodyError(OSError):
     """The client's body failed while it was being sent up (cut short, malformed chunked
     framing, too slow, too large). An ``OSError``, so the HTTP libraries abandon the upstream
@@ -188,18 +161,15 @@ class Forwarder:
                  fast_paths: frozenset[str] = frozenset(FAST_PATH_NAMES)) -> None:
         #: The fast paths in use: those asked for that the installed libraries allow.
         self.fast_paths = fastpaths.available(fast_paths)
-        self.session = requests.Session()
-        self.session.trust_env = False
-        self.session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        # No requests.Session: the adapter is called directly, so a session's cookie jar,
+        # environment proxies and mounts would never be consulted.
         self.adapter = Adapter(
             transport.tls_context(ca_bundle),
             fastpaths.transport_classes(self.fast_paths, addresses or AddressPolicy()),
             pool_connections=256, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", self.adapter)
-        self.session.mount("https://", self.adapter)
 
     def close(self) -> None:
-        self.session.close()
+        self.adapter.close()
 
     def send(self, instance: Any, method: str, target: str, headers: dict[str, str],
              body: BodyReader | bytes | None, connect_timeout: float, read_timeout: float,

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .addresses import AddressPolicy, ip_addresses
-from .clients import Network, client_address, in_networks
+from .client_address import Network, client_address, in_networks
 from .errors import BadRequest, Forbidden, GatewayError, LoopDetected, UnsupportedTransferCoding
 from .validation import has_dot_segment
 

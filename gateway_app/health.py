@@ -22,8 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from .clock import rfc3339
 from .errors import GatewayError
+from .timestamps import rfc3339
 
 if TYPE_CHECKING:
     from .forwarding import Forwarder

@@ -20,9 +20,10 @@ from .authorization import (
     validate_claims_to_headers,
     validate_require,
 )
-from .config import ConfigError, RateLimit, parse_rate_limit
 from .errors import BadRequest
-from .forwarding import GATEWAY_OWNED, HOP_BY_HOP
+from .headers import GATEWAY_OWNED, HOP_BY_HOP
+from .ratelimit import RateLimit, RateLimitError, parse_rate_limit
+from .settings import STRATEGIES
 from .validation import check_json_value, has_dot_segment
 
 log = logging.getLogger("gateway.policies")
@@ -43,8 +44,6 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _FIELDS = ("strip_prefix", "connect_timeout", "read_timeout", "rate_limit", "auth",
            "request_headers", "response_headers", "response_json", "balancing", "health_check",
            "require", "claims_to_headers")
-#: Load-balancing strategies a policy (or GATEWAY_BALANCING) may name.
-STRATEGIES = ("round_robin", "least_in_flight", "random")
 #: Active health check fields: (default, low, high).
 _CHECK_FIELDS = {
     "interval": (10.0, 0.1, 3600.0),
@@ -163,7 +162,7 @@ def validate_policy(doc: object) -> dict[str, Any]:
         if rate_limit != "off":
             try:
                 parse_rate_limit(rate_limit)
-            except ConfigError as exc:
+            except RateLimitError as exc:
                 raise BadRequest(str(exc)) from None
     auth = doc.get("auth", "jwt")
     if auth not in ("jwt", "none"):
@@ -209,7 +208,7 @@ def _stored_rate_limit(text: str | None) -> RateLimit | None | bool:
         return False
     try:
         return parse_rate_limit(text)
-    except ConfigError as exc:
+    except RateLimitError as exc:
         # Stored before MAX_RATE_LIMIT existed (it then made every request a 500): the
         # gateway-wide limit applies instead, and the registry still loads.
         log.warning("a stored policy's rate limit is ignored: %s", exc)

@@ -20,7 +20,6 @@ from werkzeug.wsgi import ClosingIterator
 
 from . import transforms
 from .auth import require_jwt
-from .config import RateLimit
 from .errors import (
     BadGateway,
     BadRequest,
@@ -34,22 +33,14 @@ from .errors import (
     Unauthorized,
     error_response,
 )
-from .forwarding import (
-    CHUNK_SIZE,
-    GATEWAY_OWNED,
-    HOP_BY_HOP,
-    BodyReader,
-    dropped_headers,
-    open_body,
-    read_upto,
-    release,
-)
+from .forwarding import CHUNK_SIZE, BodyReader, open_body, read_upto, release
 from .front import RequestView, traceparent, via_header
+from .headers import GATEWAY_OWNED, HOP_BY_HOP, dropped_headers
 from .health import FAILURE_STATUSES
 from .policies import DEFAULT_POLICY, Policy
-from .ratelimit import Decision, refused_credential_key
+from .ratelimit import Decision, RateLimit, refused_credential_key
 from .registry import Instance, Service
-from .retries import IDEMPOTENT_METHODS, MAX_RETRIES, REPLAYABLE_BODY_BYTES
+from .retries import REPLAYABLE_BODY_BYTES, is_idempotent, may_retry
 from .transport import Deadline
 from .validation import NAME_RE, RESERVED_NAMES
 
@@ -170,7 +161,7 @@ def _limit(gw: Any, view: RequestView) -> None:
     view.extra_headers = decision.headers()
     if not decision.allowed:
         raise RateLimited(f"rate limit of {limit.limit} requests per "
-                          f"{_PERIOD_NAMES[limit.period]} exceeded")
+                          f"{limit.period_name} exceeded")
 
 
 def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> Response:
@@ -243,7 +234,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
     body, length = request_body
     method = view.method
     environ = request.environ
-    idempotent = method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+    idempotent = is_idempotent(method, environ)
     if isinstance(body, BodyReader) and (length is None or int(length) <= REPLAYABLE_BODY_BYTES):
         # A small body (of either framing) is read before any upstream is contacted, as
         # nginx buffers: kept, it can be sent again, and a malformed one never goes up.
@@ -285,10 +276,9 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
             health.failed(instance.health, time.time(), exc.error)
-            unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
-            replayable = idempotent and not isinstance(body, BodyReader)
-            if (len(tried) < MAX_RETRIES and (unsent or replayable)
-                    and deadline.remaining() > 0.05 and gw.retries.try_retry()):
+            streamed = body.sent if isinstance(body, BodyReader) else None
+            if may_retry(exc.safe_to_retry, idempotent, streamed, len(tried),
+                         deadline.remaining(), gw.retries):
                 log.info("retrying %s %s on another instance after: %s", method,
                          service.name, exc.description)
                 tried.add(instance.id)
@@ -310,9 +300,6 @@ def _client_side(view: RequestView, read: Any) -> Any:
     except GatewayError:
         view.close_connection()
         raise
-
-
-_PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
 
 
 def _limit_for(settings: Any, policy: Policy) -> RateLimit | None:

@@ -14,6 +14,7 @@ import hashlib
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -21,14 +22,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .config import RateLimit
-
 #: Slots in the table; each is one client's bucket for one scope. 65536 x 32 B = 2 MiB.
 SLOTS = 65536
 #: Slots probed from a key's home slot before the stalest one is taken over.
 PROBES = 8
 #: key hash, tokens, last update, the moment the bucket is full again.
 _SLOT = struct.Struct("<Qddd")
+#: A rate limit's N and its burst B are each 1 to this many tokens.
+MAX_RATE_LIMIT = 10**9
+#: The periods a limit may name, in seconds.
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+_PERIOD_NAMES = {seconds: name for name, seconds in PERIODS.items()}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(second|minute|hour)\s*(?:,\s*burst\s*=?\s*(\d+))?\s*$",
+                      re.ASCII)
+
+
+class RateLimitError(ValueError):
+    """A rate limit's text is malformed or out of bounds; the message names where it came
+    from."""
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``burst`` tokens at most, refilled at ``rate`` tokens per second."""
+
+    limit: int
+    period: float
+    burst: int
+
+    @property
+    def rate(self) -> float:
+        return self.limit / self.period
+
+    @property
+    def period_name(self) -> str:
+        """``second``, ``minute`` or ``hour``."""
+        return _PERIOD_NAMES[self.period]
+
+
+def parse_rate_limit(text: str, name: str = "rate_limit") -> RateLimit:
+    """Parse ``N/second``, ``N/minute`` or ``N/hour``, optionally ``, burst=B``;
+    :class:`RateLimitError` naming ``name`` otherwise."""
+    match = _RATE_RE.match(text)
+    if not match:
+        raise RateLimitError(f"{name}: expected N/second, N/minute or N/hour (optionally "
+                             f"', burst=B'), got {text[:64]!r}")
+    counts = []
+    for digits in (match.group(1), match.group(3) or match.group(1)):
+        # The length first: int() of thousands of digits is slow, then refused outright.
+        count = int(digits) if len(digits) <= 12 else 0
+        if not 1 <= count <= MAX_RATE_LIMIT:
+            raise RateLimitError(f"{name}: the limit and the burst must each be between 1 and "
+                                 f"{MAX_RATE_LIMIT}, got {text[:64]!r}")
+        counts.append(count)
+    limit, burst = counts
+    return RateLimit(limit=limit, period=PERIODS[match.group(2)], burst=burst)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +88,18 @@ class Decision:
     reset: int
     #: Seconds until one token is available (when refused).
     retry_after: int
+
+    @classmethod
+    def after_take(cls, limit: RateLimit, allowed: bool, tokens: float) -> Decision:
+        """The decision of a bucket of ``limit`` left with ``tokens`` by a take."""
+        rate = limit.rate
+        return cls(
+            allowed=allowed,
+            limit=limit.limit,
+            remaining=int(tokens),
+            reset=math.ceil((limit.burst - tokens) / rate),
+            retry_after=max(1, math.ceil((1.0 - tokens) / rate)),
+        )
 
     def headers(self) -> dict[str, str]:
         headers = {"RateLimit-Limit": str(self.limit),
@@ -103,7 +163,7 @@ class SharedBuckets:
 
     def take(self, key: str, limit: RateLimit) -> Decision:
         """Take one token from ``key``'s bucket if there is one."""
-        rate, capacity = limit.rate, float(limit.capacity)
+        rate, capacity = limit.rate, float(limit.burst)
         wanted = _hash(key)
         with self._lock:
             table = self._mapping()
@@ -134,13 +194,7 @@ class SharedBuckets:
                 _SLOT.pack_into(table, chosen * _SLOT.size, wanted, tokens, now, full_at)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-        return Decision(
-            allowed=allowed,
-            limit=limit.limit,
-            remaining=int(tokens),
-            reset=math.ceil((capacity - tokens) / rate),
-            retry_after=max(1, math.ceil((1.0 - tokens) / rate)),
-        )
+        return Decision.after_take(limit, allowed, tokens)
 
     def close(self) -> None:
         with self._lock:

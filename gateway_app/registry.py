@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .clock import rfc3339
 from .errors import StoreUnavailable
 from .health import HealthTracker, InstanceHealth
 from .policies import DEFAULT_POLICY, Policy, compile_policy
 from .stores import InstanceRecord, Store, StoreChanges, StoreError, StoreState
+from .throttle import Throttled
+from .timestamps import rfc3339
 from .validation import instance_id
 
 log = logging.getLogger("gateway.registry")
@@ -322,7 +323,7 @@ class Registry:
         self._snapshot = EMPTY
         self._watching = False
         self._stop = threading.Event()
-        self._last_error_log = 0.0
+        self._error_log = Throttled()
         #: The store's clock minus ours, from the last load (leases run on the store's clock).
         self._clock_offset = 0.0
         #: When the store stopped answering (``None`` while it answers): leases do not lapse
@@ -442,9 +443,7 @@ class Registry:
             self._last_error = exc.description or ""
             if self._down_since is None:
                 self._down_since = time.time()
-            now = time.monotonic()
-            if now - self._last_error_log > 30:
-                self._last_error_log = now
+            if self._error_log.due():
                 if self._snapshot.loaded:
                     log.warning("registry refresh failed, serving the last snapshot: %s",
                                 exc.description)

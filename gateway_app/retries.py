@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 MAX_RETRIES = 2
+#: Seconds of the request's overall time that must be left for a retry to be worth starting.
+MIN_TIME_LEFT = 0.05
 #: Request bodies up to this size are kept in memory so they can be replayed.
 REPLAYABLE_BODY_BYTES = 64 * 1024
 BUDGET_RATIO = 0.2
@@ -53,3 +57,24 @@ class RetryBudget:
                 return False
             self._retries += 1
             return True
+
+
+def is_idempotent(method: str, environ: Mapping[str, Any]) -> bool:
+    """Whether a request may be sent twice: its method says so, or its ``Idempotency-Key``."""
+    return method in IDEMPOTENT_METHODS or "HTTP_IDEMPOTENCY_KEY" in environ
+
+
+def may_retry(safe_to_retry: bool, idempotent: bool, streamed: int | None, retries: int,
+              time_left: float, budget: RetryBudget) -> bool:
+    """Whether to try another instance after a failed attempt (and, if so, count the retry
+    against ``budget``).
+
+    ``safe_to_retry``: the failure says nothing of the request reached the upstream (the
+    connection failed). ``streamed``: for a body streamed from the client, how many of its
+    bytes were sent (a retry then needs none to have been); ``None`` for a body kept whole,
+    or none, which can be sent again. ``retries``: how many were made already.
+    """
+    unsent = safe_to_retry and not streamed
+    replayable = idempotent and streamed is None
+    return (retries < MAX_RETRIES and (unsent or replayable) and time_left > MIN_TIME_LEFT
+            and budget.try_retry())

@@ -28,20 +28,11 @@ would:
 
 This reaches into gthread's internals (its ``TConn``, the callbacks its loop runs, how it
 re-queues a kept-alive connection), so it is ours, for the gunicorn versions in
-:data:`GUNICORN_VERSIONS` (setup.cfg says the same), and checked at boot: on any other version,
-or if what it relies on is missing, or with settings it does not serve (TLS, uWSGI, HTTP/2 by
-prior knowledge), gunicorn stops with a message saying so.
+:data:`~gateway_app.worker_checks.GUNICORN_VERSIONS` (setup.cfg says the same), and checked at
+boot: on any other version, or if what it relies on is missing, or with settings it does not
+serve (TLS, uWSGI, HTTP/2 by prior knowledge), gunicorn stops with a message saying so.
 
-**Balance.** Each worker listens on a socket of its own and the kernel places a new connection
-on one of them by a hash of the client's address and port, so a client's 16 keep-alive
-connections often land 11 and 5 on two workers. The worker with 11 serves each of them half as
-often, and sets the latency tail. Here every worker publishes its count of open client
-connections on a :class:`ConnectionBoard` shared with its siblings; a worker holding more than
-its share (the total over the workers, rounded up) answers the next request with
-``Connection: close``. The client reconnects, lands wherever the hash puts it, and within a few
-reconnects the counts are even. Once they are, nothing is closed. (nginx's
-``keepalive_requests`` and Envoy's ``max_requests_per_connection`` re-place long-lived
-connections too, blindly; this closes only where there is an excess.)
+**Balance** across the workers is :mod:`~gateway_app.worker_balance`'s.
 
 Used as ``worker_class = "gateway_app.workers.BalancedThreadWorker"``, with the board and a slot
 on it given to each worker by the ``pre_fork`` hook in gunicorn.conf.py (and freed by
@@ -52,28 +43,26 @@ uses the default timeouts.
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import io
-import mmap
 import selectors
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
-import gunicorn
 from gunicorn import http, util
 from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers import gthread
 from gunicorn.workers.base import Worker
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from .config import DEFAULT_CLIENT_BODY_TIMEOUT, DEFAULT_CLIENT_HEADER_TIMEOUT
 from .front import CapturedErrorPage, error_page
+from .settings import DEFAULT_CLIENT_BODY_TIMEOUT, DEFAULT_CLIENT_HEADER_TIMEOUT
+from .worker_balance import ConnectionBalancing
+from .worker_checks import unsupported_gunicorn, unsupported_settings
 
 
 def _receive(conn: Any) -> bytes | None:
@@ -92,24 +81,6 @@ def _body_timeout_page() -> bytes:
     return error_page(408, "Request Timeout", "the request body stopped arriving")
 
 
-#: A slot no running worker holds (or whose worker takes no more connections).
-FREE = -1
-#: Seconds a connection closed for balance still counts in the total: its client comes back
-#: when it next sends a request (at once, for a busy one).
-AWAY_SECONDS = 0.1
-
-#: The gunicorn versions :class:`FrontDoorWorker` is written for and tested with: at least the
-#: first, below the second (as in setup.cfg).
-GUNICORN_VERSIONS = ((27, 0), (28, 0))
-#: What of gunicorn it relies on, beyond its public worker interface; checked at boot.
-RELIES_ON: dict[Any, tuple[str, ...]] = {
-    ThreadWorker: ("enqueue_req", "finish_request", "handle", "handle_request",
-                   "murder_keepalived", "on_client_socket_readable", "set_accept_enabled",
-                   "wait_for_and_dispatch_events", "is_parent_alive", "_cap_keepalive"),
-    TConn: ("init", "set_timeout", "close"),
-    gthread: ("STOP_KEEPALIVE_LINGER",),
-    http: ("get_parser",),
-}
 #: Body bytes the loop reads before a thread takes the request (all of a smaller body).
 EARLY_BODY_BYTES = 64 * 1024
 #: Seconds, and bytes, a closed connection lingers at most (gunicorn's close_graceful).
@@ -125,46 +96,6 @@ CHUNKED = -1
 # Where a connection is, for the loop.
 BUSY, KEPT_ALIVE, HEAD, BODY, LINGER, CLOSED = (
     "busy", "kept-alive", "head", "body", "linger", "closed")
-
-
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for part in text.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-    return tuple(parts)
-
-
-def unsupported_gunicorn(version: str | None = None) -> str | None:
-    """Why :class:`FrontDoorWorker` cannot run on this gunicorn, or ``None`` when it can."""
-    version = version or gunicorn.__version__
-    low, high = GUNICORN_VERSIONS
-    wanted = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
-    if not low <= _version(version) < high:
-        return (f"gunicorn {version} is installed, but the gateway's worker is written for and"
-                f" tested with gunicorn{wanted} (setup.cfg); install a version in that range")
-    missing = [f"{getattr(owner, '__name__', owner)}.{name}"
-               for owner, names in RELIES_ON.items() for name in names
-               if not hasattr(owner, name)]
-    if missing:
-        return (f"gunicorn {version} lacks what the gateway's worker relies on:"
-                f" {', '.join(missing)}")
-    return None
-
-
-def unsupported_settings(cfg: Any) -> str | None:
-    """Why :class:`FrontDoorWorker` cannot serve with these gunicorn settings, or ``None``."""
-    if cfg.is_ssl:
-        return ("TLS (certfile/keyfile) is not served by the gateway's worker, which reads"
-                " request heads as plain HTTP/1.1; terminate TLS in front of it")
-    if getattr(cfg, "protocol", "http") != "http":
-        return f"protocol {cfg.protocol!r} is not served by the gateway's worker, only http"
-    if getattr(cfg, "http2_cleartext", "off") in ("prior-knowledge", "both"):
-        return ("HTTP/2 by prior knowledge (http2_cleartext) is not served by the gateway's"
-                " worker, which reads request heads as HTTP/1.1")
-    return None
 
 
 class FrontDoorConn(TConn):
@@ -590,104 +521,6 @@ class FrontDoorWorker(ThreadWorker):
         Worker.handle_quit(self, sig, frame)
 
 
-class ConnectionBoard:
-    """Each worker's count of open client connections, in memory shared by the gunicorn master
-    and every worker it forks (an anonymous shared mapping, made in the master first)."""
-
-    def __init__(self, slots: int) -> None:
-        self._map = mmap.mmap(-1, slots * ctypes.sizeof(ctypes.c_int64))
-        #: Per slot: the count, or :data:`FREE`. Aligned 8-byte stores: a reader in another
-        #: process sees the old count or the new one, never a mix.
-        self.counts = (ctypes.c_int64 * slots).from_buffer(self._map)
-        for slot in range(slots):
-            self.counts[slot] = FREE
-
-    def free_slot(self, taken: Iterable[int | None]) -> int | None:
-        """The first slot not in ``taken`` (the slots of running workers); ``None`` when all
-        are: that worker then runs without balancing, neither counted nor shedding."""
-        used = set(taken)
-        return next((slot for slot in range(len(self.counts)) if slot not in used), None)
-
-    def share(self) -> int:
-        """What each counted worker would hold were the connections even: their total over the
-        counted workers, rounded up."""
-        total = workers = 0
-        for count in self.counts:
-            if count >= 0:
-                total += count
-                workers += 1
-        return -(-total // workers) if workers else 0
-
-
-class BalancedThreadWorker(FrontDoorWorker):
-    """The front-door worker that keeps its count of client connections on the board and
-    closes a connection (after its response) while it holds more than its share.
-
-    Two counts keep it from closing more than the excess:
-
-    - A connection told to close no longer counts in what this worker holds, at once: a
-      worker's threads decide for several requests at the same moment, and each would
-      otherwise see the same excess and close a connection for it (seen: 1,500 reconnects in
-      10 s as two workers shed back and forth).
-    - Once closed, it still counts in the total for :data:`AWAY_SECONDS`: its client comes
-      back, to one worker or another, when it next sends a request. Without that, the total
-      shrank with every close, and so did the share: 11 of 12 connections closed where 6 were
-      the excess.
-    """
-
-    gateway_board: ConnectionBoard | None = None
-    gateway_slot: int | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        #: Connections told to close whose close has not happened yet.
-        self._leaving = 0
-        self._leaving_lock = threading.Lock()
-        #: When each connection told to close was closed, for the last AWAY_SECONDS (this
-        #: worker's main thread alone touches it).
-        self._away: collections.deque[float] = collections.deque()
-
-    def _publish(self) -> None:
-        """Put this worker's count on the board (from the main thread: the one that changes
-        ``nr_conns``); a stopping worker takes no new connections, and drops out."""
-        if self.gateway_board is None or self.gateway_slot is None:
-            return
-        away = self._away
-        if away:
-            gone = time.monotonic() - AWAY_SECONDS
-            while away and away[0] < gone:
-                away.popleft()
-        self.gateway_board.counts[self.gateway_slot] = (
-            self.nr_conns + len(away) if self.alive else FREE)
-
-    def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        # Every change to nr_conns happens on this thread, in the callbacks run here or just
-        # before (timeouts of idle connections): publish around them, so an idle worker's
-        # count is right too.
-        self._publish()
-        super().wait_for_and_dispatch_events(timeout)
-        self._publish()
-
-    def handle_request(self, req: Any, conn: Any) -> Any:
-        """Tell the client to close this connection after the response while this worker holds
-        more than its share (on the request's thread, before the response starts)."""
-        board = self.gateway_board
-        if board is not None and self.gateway_slot is not None and self.alive \
-                and self.nr_conns - self._leaving > board.share():
-            with self._leaving_lock:  # again, alone: another thread may just have shed
-                if self.nr_conns - self._leaving > board.share() and not req.should_close():
-                    # (a request that closes its connection anyway is no help)
-                    self._leaving += 1
-                    conn.gateway_leaving = True
-                    req.force_close()
-        return super().handle_request(req, conn)
-
-    def finish_request(self, conn: Any, fs: Any) -> None:
-        try:
-            super().finish_request(conn, fs)  # closes a connection told to close
-        finally:
-            if getattr(conn, "gateway_leaving", False):
-                conn.gateway_leaving = False
-                self._away.append(time.monotonic())
-                with self._leaving_lock:
-                    self._leaving -= 1
+class BalancedThreadWorker(ConnectionBalancing, FrontDoorWorker):
+    """The front-door worker, keeping client connections even across the workers (see
+    :mod:`~gateway_app.worker_balance`)."""

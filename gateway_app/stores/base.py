@@ -16,11 +16,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..ratelimit import Limiter
+from typing import Any
 
 
 class StoreError(Exception):
@@ -76,9 +72,6 @@ CHANGE_HISTORY = 10_000
 
 class Store(ABC):
     """What the registry needs from a store. Implementations must be safe across threads."""
-
-    #: True when every process opening the same URL shares the data (not ``memory://``).
-    shared: bool = True
 
     @abstractmethod
     def version(self) -> int:
@@ -142,11 +135,6 @@ class Store(ABC):
         store with notifications, like Redis pub/sub, returns as soon as one arrives) or when
         ``stop`` is set. The registry's watcher then compares versions."""
         stop.wait(timeout)
-
-    def make_limiter(self, settings: Settings) -> Limiter | None:
-        """A rate limiter kept in this store (shared by every node using it), or ``None`` to
-        use the per-machine one."""
-        return None
 
     def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections; the store may be reopened by the next call."""

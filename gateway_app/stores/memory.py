@@ -12,8 +12,6 @@ from .base import CHANGE_HISTORY, InstanceRecord, Store, StoreChanges, StoreStat
 
 
 class MemoryStore(Store):
-    shared = False
-
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._instances: dict[tuple[str, str], InstanceRecord] = {}

@@ -1,4 +1,4 @@
-"""Forwarding through real gunicorn to real loopback upstreams (SPEC section 5)."""
+"""Forwarding through real gunicorn to real loopback upstreams (README: Proxying)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Slow and idle clients hold no request thread (SPEC section 11): the worker's event loop reads
-request heads, small bodies and lingering closes, with deadlines, and caps its connections.
+"""Slow and idle clients hold no request thread (README: How it is built): the worker's event
+loop reads request heads, small bodies and lingering closes, with deadlines, and caps its
+connections.
 
 The gateways here have 2 workers of 8 threads (1 worker where placement matters): a hundred
 bad connections are several times what would have held every thread of gthread's worker.

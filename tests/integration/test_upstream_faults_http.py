@@ -1,4 +1,5 @@
-"""Upstreams that misbehave on purpose, through real gunicorn (SPEC sections 5 and 11).
+"""Upstreams that misbehave on purpose, through real gunicorn (README: Proxying, and How it
+is built).
 
 Each upstream here is a raw socket server sending exact bytes. Whatever it sends, the client
 gets a JSON error before the response starts, or a cut connection after; never gunicorn's HTML

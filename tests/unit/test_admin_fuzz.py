@@ -22,7 +22,7 @@ import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway_app.policies import STRATEGIES
+from gateway_app.settings import STRATEGIES
 from tests.conftest import make_token
 
 #: A failing example may hold a 60 KB body: its report must not fail on its own size.

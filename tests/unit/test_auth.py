@@ -1,4 +1,4 @@
-"""JWT checks on proxied requests (SPEC section 6)."""
+"""JWT checks on proxied requests (README: Proxying)."""
 
 import base64
 import json

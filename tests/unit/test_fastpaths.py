@@ -15,10 +15,10 @@ from urllib3.util import SKIP_HEADER
 
 from gateway_app import fastpaths
 from gateway_app.addresses import AddressPolicy
-from gateway_app.config import FAST_PATH_NAMES
 from gateway_app.errors import GatewayError
 from gateway_app.fastpaths import parse_headers
 from gateway_app.forwarding import Forwarder, UpstreamAborted, release, stream_body
+from gateway_app.settings import FAST_PATH_NAMES
 from tests.support import ScriptedUpstream
 
 ALL = frozenset(FAST_PATH_NAMES)

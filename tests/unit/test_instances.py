@@ -211,3 +211,23 @@ def test_instance_is_kept_out_until_its_first_check_passes(make_app, upstream, a
     _, client = gateway(make_app, addresses=(A,), policy={"health_check": {
         "path": "/healthz", "interval": 5, "timeout": 1}})
     assert client.get("/svc", headers=auth).status_code == 503
+
+
+def test_a_retry_needs_an_unsent_or_replayable_request_time_and_budget():
+    from gateway_app.retries import MAX_RETRIES, RetryBudget, may_retry
+
+    def budget():
+        return RetryBudget()
+
+    # Nothing reached the upstream: any request, even a streamed body with no byte sent.
+    assert may_retry(True, False, 0, 0, 5.0, budget())
+    # Something may have: only an idempotent request with its body kept (or none).
+    assert may_retry(False, True, None, 0, 5.0, budget())
+    assert not may_retry(False, False, None, 0, 5.0, budget())
+    assert not may_retry(False, True, 10, 0, 5.0, budget())
+    assert not may_retry(True, True, 10, 0, 5.0, budget())  # streamed bytes went up
+    # Bounded by count, time and budget.
+    assert not may_retry(True, True, None, MAX_RETRIES, 5.0, budget())
+    assert not may_retry(True, True, None, 0, 0.01, budget())
+    empty = RetryBudget(ratio=0.0, minimum=0)
+    assert not may_retry(True, True, None, 0, 5.0, empty)

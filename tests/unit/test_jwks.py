@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 import gateway_app.jwks as jwks
 from gateway_app.config import ConfigError, load_settings
 from gateway_app.jwks import (
-    MAX_DOCUMENT_BYTES,
     MAX_KEYS,
     ProviderError,
     ProviderKeys,
@@ -28,6 +27,7 @@ from gateway_app.jwks import (
     max_age,
     parse_key_set,
 )
+from gateway_app.jwks_fetch import MAX_DOCUMENT_BYTES
 from tests.conftest import SECRET, make_token
 from tests.jwks_support import KeyServer, new_private_key, public_jwk
 

@@ -1,4 +1,5 @@
-"""Forwarding through the Flask test client, upstreams mocked with ``responses`` (SPEC 5)."""
+"""Forwarding through the Flask test client, upstreams mocked with ``responses`` (README:
+Proxying)."""
 
 import time
 

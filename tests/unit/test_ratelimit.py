@@ -5,8 +5,7 @@ import logging
 import pytest
 import responses
 
-from gateway_app.config import parse_rate_limit
-from gateway_app.ratelimit import SharedBuckets
+from gateway_app.ratelimit import MAX_RATE_LIMIT, RateLimitError, SharedBuckets, parse_rate_limit
 from tests.conftest import make_token
 
 UPSTREAM = "http://upstream.test:9000"
@@ -161,3 +160,31 @@ def test_access_lines_are_buffered_then_written_in_order():
         assert stream.getvalue().endswith("three\nfour\n")
     finally:
         logger.removeHandler(handler)
+
+
+def test_rate_limit_forms():
+    limit = parse_rate_limit("100/second")
+    assert (limit.limit, limit.period, limit.burst) == (100, 1.0, 100)
+    limit = parse_rate_limit("600/minute, burst=50")
+    assert (limit.rate, limit.burst) == (10.0, 50)
+
+
+@pytest.mark.parametrize("text", [
+    "9" * 400 + "/second",  # accepted, then every request overflowed a float: a 500
+    "9" * 5000 + "/minute",  # beyond int()'s digit limit: a ValueError, not a RateLimitError
+    "1000000001/second",
+    "10/second, burst=1000000001",
+    "10/second, burst=" + "9" * 400,
+    "0/second",
+    "10/second, burst=0",
+    "\u0663/second",  # an Arabic-Indic three: \\d matches it, int() reads it
+])
+def test_rate_limits_out_of_bounds_are_refused(text):
+    with pytest.raises(RateLimitError, match="rate_limit"):
+        parse_rate_limit(text)
+
+
+def test_rate_limit_bounds_are_inclusive():
+    top = parse_rate_limit(f"{MAX_RATE_LIMIT}/second, burst={MAX_RATE_LIMIT}")
+    assert (top.rate, top.burst) == (MAX_RATE_LIMIT, MAX_RATE_LIMIT)
+    assert parse_rate_limit("1/hour, burst=1").rate == 1 / 3600

@@ -12,10 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gateway_app import create_app
-from gateway_app.config import ConfigError, load_settings, parse_rate_limit
+from gateway_app import build_limiter, create_app
+from gateway_app.config import ConfigError, load_settings
+from gateway_app.ratelimit import parse_rate_limit
+from gateway_app.redis_limiter import RedisLimiter
 from gateway_app.stores import InstanceRecord, StoreError, open_store
-from gateway_app.stores.redis import RedisLimiter, RedisStore, parse_url
+from gateway_app.stores.redis import RedisStore
+from gateway_app.stores.redis_client import parse_url
 from tests.conftest import SECRET, make_token
 from tests.redis_support import (
     RedisServer,
@@ -370,10 +373,12 @@ def test_sentinel_url_finds_the_master(tmp_path):
                            argv=[server.binary, str(conf), "--sentinel"])
     try:
         sentinel.start()
-        store = open_store(f"redis+sentinel://127.0.0.1:{sentinel_port}/gw/0?prefix=s:")
+        url = f"redis+sentinel://127.0.0.1:{sentinel_port}/gw/0?prefix=s:"
+        store = open_store(url)
         record, new = store.register(rec())
         assert new and store.load().instances == (record,)
-        limiter = store.make_limiter(load_settings({}))
+        limiter = build_limiter(load_settings({"GATEWAY_STORE": url}))
+        assert isinstance(limiter, RedisLimiter)
         assert limiter.take("k", parse_rate_limit("1/hour")).allowed is True
         assert limiter.take("k", parse_rate_limit("1/hour")).allowed is False
         limiter.close()

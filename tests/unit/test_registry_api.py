@@ -1,4 +1,4 @@
-"""The registry API through the Flask test client (SPEC section 4)."""
+"""The registry API through the Flask test client (README: The registry)."""
 
 import json
 

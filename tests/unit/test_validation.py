@@ -1,4 +1,4 @@
-"""Names and addresses a caller may register (SPEC section 4)."""
+"""Names and addresses a caller may register (README: The registry)."""
 
 import pytest
 

@@ -17,17 +17,14 @@ import gunicorn
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
+from gateway_app.worker_balance import AWAY_SECONDS, FREE, ConnectionBoard
+from gateway_app.worker_checks import unsupported_gunicorn, unsupported_settings
 from gateway_app.workers import (
-    AWAY_SECONDS,
     CHUNKED,
     EARLY_BODY_BYTES,
-    FREE,
     BalancedThreadWorker,
-    ConnectionBoard,
     FrontDoorWorker,
     _body_wanted,
-    unsupported_gunicorn,
-    unsupported_settings,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
