@@ -234,6 +234,9 @@ def test_refused_tokens_from_one_address_are_answered_429_once_its_bucket_is_emp
 def test_refused_tokens_drain_the_rate_limit_and_then_get_429(start_gateway, upstream):
     gateway = start_gateway(GATEWAY_RATE_LIMIT="3/minute", GATEWAY_AUTH_FAILURE_LIMIT="off")
     gateway.register("echo", upstream.address)
+    # routable on every worker (as a subject of its own: the refused tokens' bucket is the
+    # address's)
+    gateway.wait_routable("/echo/x", bearer(sub="warmup"), status=(200, 429))
     statuses = [requests.get(f"{gateway.url}/echo/x", timeout=10,
                              headers={"Authorization": "Bearer nope"}).status_code
                 for _ in range(5)]
@@ -348,6 +351,7 @@ def test_registry_bodies_that_used_to_500_are_refused_and_change_nothing(gateway
 def test_a_policy_number_out_of_bounds_is_refused_and_the_service_keeps_working(
         gateway, upstream):
     gateway.register("echo", upstream.address)
+    gateway.wait_routable("/echo/x", bearer())
     for policy in ({"rate_limit": "9" * 400 + "/second"}, {"connect_timeout": 10**400},
                    {"response_json": {"add": {"x": [[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]}}}):
         answer = requests.put(f"{gateway.url}/_gateway/services/echo/policy", timeout=10,
