@@ -23,12 +23,20 @@ $(TSTAMP): $(STAMP) requirements-test.txt
 run: $(STAMP)
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
+# Test processes (pytest-xdist; 0 runs the tests in pytest's own process, one at a time). The
+# integration tests mostly wait (on gunicorn booting, upstreams, deadlines), so they take more
+# processes than the machine has cores; a file's tests stay in one process (--dist loadfile),
+# in order, with the file's module-scoped gateways.
+UNIT_JOBS ?= 2
+TEST_JOBS ?= 4
+
 # Unit tests first: they fail in seconds where the integration tests take minutes.
 test: $(TSTAMP)
-	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit -n $(UNIT_JOBS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/integration -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 test-unit: $(TSTAMP)
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/unit -n $(UNIT_JOBS) $(PYTEST_ARGS)
 
 # The one command before a commit: lint, types, unit tests.
 check: lint test-unit

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import free_port, wait_for
+from tests.support import READY_TIMEOUT, free_port, wait_for
 
 SHARED_HOST, SHARED_PORT = "127.0.0.1", 6379
 #: The database the tests use on the shared server (the bench uses 14).
@@ -118,7 +118,7 @@ class RedisServer:
                 return False
 
         try:
-            wait_for(up, 10, 0.02, f"redis-server on port {self.port}")
+            wait_for(up, READY_TIMEOUT, 0.02, f"redis-server on port {self.port}")
         finally:
             client.close()
         return self

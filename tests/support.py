@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +26,46 @@ ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 60.0
 
 
+#: Ports that :func:`free_port` hands out: below the kernel's ephemeral range (32768 and up on
+#: Linux), so no outgoing connection and no ``bind(("127.0.0.1", 0))`` takes one of them.
+PORT_RANGE = range(20000, 32000)
+#: One byte per port, locked (fcntl, released when the process ends) by the test process that
+#: took the port: test processes running at once (pytest-xdist workers, other checkouts' runs)
+#: never hand out the same one.
+_PORT_LOCKS = Path(tempfile.gettempdir()) / "gateway-tests-ports.lock"
+_port_state: dict = {}
+
+
+def _port_lock_file() -> int:
+    if _port_state.get("pid") != os.getpid():  # a forked child takes ports of its own
+        fd = os.open(_PORT_LOCKS, os.O_RDWR | os.O_CREAT, 0o666)
+        _port_state.update(pid=os.getpid(), fd=fd,
+                           next=random.randrange(len(PORT_RANGE)))  # spread the processes
+    return _port_state["fd"]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that nothing listens on, for a server that must bind it itself (a
+    gateway's workers each bind with SO_REUSEPORT, so they cannot share a port-0 socket).
+
+    Never the same port twice in one test run, nor one another test process holds; and checked
+    free with a bind, as gunicorn would bind it."""
+    fd = _port_lock_file()
+    for _ in range(len(PORT_RANGE)):
+        port = PORT_RANGE[_port_state["next"] % len(PORT_RANGE)]
+        _port_state["next"] += 1
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, port)
+        except OSError:  # another test process has it
+            continue
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:  # something else listens there: keep the lock, try the next
+                continue
+        return port
+    raise AssertionError(f"no free port left in {PORT_RANGE}")
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
@@ -81,10 +120,18 @@ class Gateway:
             except requests.RequestException:  # not listening yet, or a booting worker is slow
                 return False
 
+        def all_workers():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            return len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"])
+
         wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
         # Every worker must have booted, not just the first one to answer.
-        wait_for(lambda: len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"]),
-                 timeout, 0.05, "all workers")
+        try:
+            wait_for(all_workers, timeout, 0.05, "all workers")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; workers {self.worker_pids()}; log:\n{self.log()}") \
+                from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -117,6 +164,17 @@ class Gateway:
             except ProcessLookupError:
                 pass
         self._close_log()
+
+    def discard(self) -> None:
+        """``kill -9`` whatever is left of the gateway: the end of a test that no longer looks
+        at it (a test of shutdown itself calls :meth:`stop` first)."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.stop()
 
     def kill9(self) -> None:
         """``kill -9`` the master and every worker at once: no cleanup code runs."""

@@ -27,7 +27,7 @@ def start_gateway(tmp_path):
 
     yield start
     for gateway in started:
-        gateway.stop()
+        gateway.discard()
 
 
 @pytest.fixture

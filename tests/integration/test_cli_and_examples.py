@@ -9,7 +9,7 @@ import sys
 
 import requests
 
-from tests.support import ROOT, free_port, wait_for
+from tests.support import READY_TIMEOUT, ROOT, free_port, wait_for
 
 
 def gateway_cmd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -82,7 +82,7 @@ def test_seed_story_hello_service_and_client(start_gateway):
             return found.status_code == 200 and found.json()["instances"][0]["address"] == \
                 f"http://127.0.0.1:{port}"
 
-        wait_for(registered, timeout=10, what="hello_service to register itself")
+        wait_for(registered, timeout=READY_TIMEOUT, what="hello_service to register itself")
         env = {"GATEWAY_JWT_SECRET": "secret_key", "GATEWAY_JWT_ISSUER": "my_issuer"}
         import time
 

@@ -12,7 +12,7 @@ import time
 
 import requests
 
-from tests.support import ROOT, free_port, wait_for
+from tests.support import READY_TIMEOUT, ROOT, free_port, wait_for
 
 ELSEWHERE = "192.0.2.0/24"  # TEST-NET-1: nobody here calls from it
 ADMIN = "admin-token-for-tests-0123456789abcdef"
@@ -51,7 +51,7 @@ def test_hello_service_registers_with_a_credential_scoped_to_it(start_gateway):
             found = admin("GET", gateway.url + "/_gateway/services/hello_service")
             return found.status_code == 200 and found.json()["instances"]
 
-        wait_for(registered, timeout=15, what="hello_service to register itself")
+        wait_for(registered, timeout=READY_TIMEOUT, what="hello_service to register itself")
         time.sleep(3.5)  # its lease (3 s) was renewed by heartbeats with the credential
         assert registered()
         # The same credential reaches nothing else, on any worker.

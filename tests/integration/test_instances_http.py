@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from gateway_app.registration import SelfRegistration
-from tests.support import ROOT, free_port, wait_for
+from tests.support import READY_TIMEOUT, ROOT, free_port, wait_for
 
 
 class UpstreamProcess:
@@ -112,7 +112,7 @@ def test_ejected_instance_recovers_when_it_returns(start_gateway, upstreams, aut
         ports = {gateway.fresh_get("/svc/", auth).json()["port"] for _ in range(6)}
         return port in ports
 
-    wait_for(serves_again, timeout=5, what="the instance to take traffic again")
+    wait_for(serves_again, timeout=READY_TIMEOUT, what="the instance to take traffic again")
 
 
 def test_round_robin_spread_within_ten_percent(start_gateway, upstreams, auth):
@@ -149,10 +149,11 @@ def test_drain_lets_in_flight_requests_finish(start_gateway, upstreams, auth):
     gateway.wait_routable("/svc/", auth)
     slow: dict = {}
     thread = threading.Thread(target=lambda: slow.update(
-        response=gateway.fresh_get("/svc/slow/1.5", auth)))
+        response=gateway.fresh_get("/svc/slow/3", auth)))
     thread.start()
     wait_for(lambda: requests.get(gateway.url + "/_gateway/services/svc", timeout=5)
-             .json()["instances"][0]["in_flight"] == 1, timeout=5, what="the slow request")
+             .json()["instances"][0]["in_flight"] == 1, timeout=READY_TIMEOUT,
+             what="the slow request")
     drained = requests.put(
         f"{gateway.url}/_gateway/services/svc/instances/{instance['id']}/drain", timeout=5)
     assert drained.json()["health"] == "draining"

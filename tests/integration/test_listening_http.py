@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.support import free_port, wait_for
+from tests.support import READY_TIMEOUT, free_port, wait_for
 
 
 def listening_sockets(port: int) -> int:
@@ -221,7 +221,7 @@ def test_one_worker_per_cpu_each_on_its_own_cpu_even_after_a_restart(start_gatew
         return (victim not in now and len(now) == len(cpus)
                 and sorted(cpu for each in now.values() for cpu in each) == cpus)
 
-    wait_for(replaced, timeout=15, what="a replacement worker on the freed CPU")
+    wait_for(replaced, timeout=READY_TIMEOUT, what="a replacement worker on the freed CPU")
 
 
 def test_workers_are_left_to_the_scheduler_when_off_or_not_one_per_cpu(start_gateway, tmp_path):

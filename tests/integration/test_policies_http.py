@@ -8,7 +8,7 @@ import re
 import requests
 
 from tests.conftest import make_token
-from tests.support import wait_for
+from tests.support import READY_TIMEOUT, wait_for
 
 SEED_POLICY = {
     "request_headers": {"add": {"X-Custom-Header": "My API Gateway"}},
@@ -62,13 +62,15 @@ def test_policy_lifecycle_reaches_all_workers_and_survives_restart(start_gateway
 def test_seed_transformations_end_to_end(gateway, upstream, auth):
     gateway.register("hello", upstream.address)
     assert put_policy(gateway, "hello", SEED_POLICY).status_code == 201
+    gateway.wait_routable("/hello/greet", auth)
 
     def transformed():
-        response = gateway.fresh_get("/hello/greet", auth)
-        return response if response.headers.get("X-Custom-Header") else None
+        return gateway.fresh_get("/hello/greet", auth).headers.get("X-Custom-Header")
 
-    for _ in range(8):  # on every worker
-        response = wait_for(transformed, timeout=30, what="the policy on every worker")
+    wait_for(lambda: all(transformed() for _ in range(8)), READY_TIMEOUT,
+             what="the policy on every worker")
+    for _ in range(8):  # each request on a connection of its own, so on every worker
+        response = gateway.fresh_get("/hello/greet", auth)
         body = response.json()
         assert body["custom"] == "This is a custom message"
         assert body["path"] == "/greet"

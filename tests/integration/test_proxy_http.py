@@ -8,19 +8,36 @@ import socket
 import pytest
 import requests
 
-from tests.conftest import make_token
-from tests.support import RawServer, UpstreamServer, raw_request, wait_for
+from tests.conftest import SECRET, make_token
+from tests.support import Gateway, RawServer, UpstreamServer, raw_request, wait_for
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """One upstream for the module: it keeps no state but what it saw (cleared per test)."""
+    with UpstreamServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def routed_gateway(tmp_path_factory, upstream):
+    """One gateway for the tests that only send traffic through its two routes."""
+    gateway = Gateway(tmp_path_factory.mktemp("routed"), GATEWAY_JWT_SECRET=SECRET).start()
+    gateway.register("svc", upstream.address)
+    gateway.register("based", upstream.address + "/api")
+    auth = {"Authorization": f"Bearer {make_token()}"}
+    gateway.wait_routable("/svc/", auth)
+    gateway.wait_routable("/based/", auth)
+    yield gateway
+    gateway.discard()
 
 
 @pytest.fixture
-def routed(gateway, upstream, auth):
-    """A gateway with ``svc`` -> upstream and ``based`` -> upstream/api, routable everywhere."""
-    gateway.register("svc", upstream.address)
-    gateway.register("based", upstream.address + "/api")
-    gateway.wait_routable("/svc/", auth)
-    gateway.wait_routable("/based/", auth)
+def routed(routed_gateway, upstream):
+    """A gateway with ``svc`` -> upstream and ``based`` -> upstream/api, routable everywhere
+    (shared by the module's tests), and an upstream that has seen nothing yet."""
     upstream.seen.clear()
-    return gateway
+    return routed_gateway
 
 
 @pytest.mark.parametrize("target, expected", [

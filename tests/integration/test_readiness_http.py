@@ -13,7 +13,7 @@ import time
 
 import requests
 
-from tests.support import wait_for
+from tests.support import READY_TIMEOUT, wait_for
 
 #: SQLite's PENDING lock byte: whoever holds it keeps new readers out (a writer about to take
 #: its exclusive lock holds it), so a worker cannot load the registry while it is held.
@@ -37,7 +37,8 @@ def replace_a_worker(gateway) -> int:
     """``kill -9`` one worker; the master starts another. The new one's pid."""
     old = set(gateway.worker_pids())
     os.kill(min(old), signal.SIGKILL)
-    return wait_for(lambda: set(gateway.worker_pids()) - old, 10, 0.02, "a new worker").pop()
+    return wait_for(lambda: set(gateway.worker_pids()) - old, READY_TIMEOUT, 0.02,
+                    "a new worker").pop()
 
 
 def test_the_master_makes_the_schema_and_a_worker_restarting_during_a_write_loads_at_once(
@@ -90,8 +91,8 @@ def test_a_worker_that_cannot_load_is_not_ready_and_answers_503_never_404(
         assert "loaded" in response.json()["reason"]
     # the lock gone, the new worker loads by itself and every worker is ready
     wait_for(lambda: all(gateway.fresh_get("/_gateway/ready").status_code == 200
-                         for _ in range(10)), 10, 0.1, "every worker to be ready")
-    gateway.wait_routable("/svc/", auth, 200, timeout=2)
+                         for _ in range(10)), READY_TIMEOUT, 0.1, "every worker to be ready")
+    gateway.wait_routable("/svc/", auth, 200)
 
 
 def test_ready_turns_503_first_during_a_graceful_stop(start_gateway, upstream, auth):
@@ -101,14 +102,16 @@ def test_ready_turns_503_first_during_a_graceful_stop(start_gateway, upstream, a
     assert requests.get(gateway.url + "/_gateway/ready", timeout=5).json() == {
         "status": "ready"}
     answers: dict = {}
+    upstream.seen.clear()
     slow = threading.Thread(target=lambda: answers.update(
-        slow=gateway.fresh_get("/svc/slow/1.5", auth)))
+        slow=gateway.fresh_get("/svc/slow/3", auth)))
     slow.start()
-    time.sleep(0.3)  # the only thread is busy with it
+    wait_for(lambda: upstream.seen, READY_TIMEOUT, what="the slow request at the upstream")
+    # the only thread is busy with it for 3 s
     queued = threading.Thread(target=lambda: answers.update(
         ready=gateway.fresh_get("/_gateway/ready")))
     queued.start()  # waits for the thread
-    time.sleep(0.3)
+    time.sleep(0.3)  # (the worker's loop takes the connection; nothing to see from here)
     os.kill(gateway.proc.pid, signal.SIGTERM)  # graceful: in-flight and queued ones finish
     slow.join(10)
     queued.join(10)

@@ -13,11 +13,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import redis
 import requests
 
 from tests.conftest import make_token
 from tests.redis_support import RedisServer
-from tests.support import wait_for
+from tests.support import READY_TIMEOUT, wait_for
 
 
 @pytest.fixture
@@ -113,8 +114,8 @@ def test_a_redis_outage_keeps_routing_fails_writes_quickly_and_heals(start_gatew
         assert "rate limits: Redis" in gateway.log()  # the fail-open warning
 
         server.start()  # the same port, its data gone (no persistence)
-        wait_for(lambda: gateway.register("svc", upstream.address).status_code == 201, 10,
-                 0.1, "registrations to work again")
+        wait_for(lambda: gateway.register("svc", upstream.address).status_code == 201,
+                 READY_TIMEOUT, 0.1, "registrations to work again")
         gateway.wait_routable("/svc/", auth, 200)
         # and every worker follows new writes again
         assert gateway.register("fresh", upstream.address).status_code == 201
@@ -122,8 +123,8 @@ def test_a_redis_outage_keeps_routing_fails_writes_quickly_and_heals(start_gatew
         limited = bearer("after")
         requests.put(gateway.url + "/_gateway/services/fresh/policy",
                      json={"rate_limit": "2/minute"}, timeout=5).raise_for_status()
-        wait_for(lambda: gateway.fresh_get("/fresh/", limited).status_code == 429, 10,
-                 what="limits from Redis again")
+        wait_for(lambda: gateway.fresh_get("/fresh/", limited).status_code == 429,
+                 READY_TIMEOUT, what="limits from Redis again")
     finally:
         server.stop()
 
@@ -138,7 +139,7 @@ def test_writes_answered_503_while_redis_hung_never_take_effect(start_gateway, u
         auth = bearer("hung")
         assert gateway.register("svc", upstream.address).status_code == 201
         instance = gateway.services()["services"][0]["instances"][0]
-        gateway.wait_routable("/svc/", auth, 200, timeout=1.0)
+        gateway.wait_routable("/svc/", auth, 200)
         before = gateway.services()
 
         server.proc.send_signal(signal.SIGSTOP)
@@ -158,7 +159,15 @@ def test_writes_answered_503_while_redis_hung_never_take_effect(start_gateway, u
                 assert response.json()["error"] == "store_unavailable"
         finally:
             server.proc.send_signal(signal.SIGCONT)
-        time.sleep(1.5)  # Redis has run whatever it held; every worker has caught up
+        # Redis answers again, and a write after them is seen by every worker: Redis has run
+        # whatever it held, and every worker has caught up past it.
+        with redis.Redis("127.0.0.1", server.port, socket_timeout=READY_TIMEOUT) as client:
+            assert client.ping()
+        assert gateway.register("marker", upstream.address).status_code == 201
+        gateway.wait_routable("/marker/", auth, 200)
+        assert requests.post(gateway.url + "/deregister_service", data="marker",
+                             timeout=5).status_code == 200
+        gateway.wait_routable("/marker/", auth, 404)
         assert gateway.services() == before
         for _ in range(8):
             assert gateway.fresh_get("/late/", auth).status_code == 404

@@ -77,7 +77,7 @@ def echo(start_gateway, upstream, auth):
     """A gateway (header and body timeouts of 2 s) with the upstream registered as ``echo``."""
     gateway = start_gateway(GATEWAY_CLIENT_HEADER_TIMEOUT="2", GATEWAY_CLIENT_BODY_TIMEOUT="2")
     assert gateway.register("echo", upstream.address).status_code == 201
-    gateway.wait_routable("/echo/", auth, timeout=5)
+    gateway.wait_routable("/echo/", auth)
     return gateway
 
 
@@ -85,7 +85,7 @@ def test_slow_heads_and_idle_connections_leave_legitimate_requests_served(start_
                                                                          upstream, auth):
     gateway = start_gateway()  # the default header timeout: the bad clients stay the while
     assert gateway.register("echo", upstream.address).status_code == 201
-    gateway.wait_routable("/echo/", auth, timeout=5)
+    gateway.wait_routable("/echo/", auth)
     idle = [connect(gateway.port) for _ in range(100)]
     slow = [connect(gateway.port, b"GET /echo/ HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             for _ in range(100)]

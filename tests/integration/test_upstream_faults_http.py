@@ -20,6 +20,7 @@ import requests
 
 from tests.conftest import SECRET, make_token
 from tests.support import (
+    READY_TIMEOUT,
     Gateway,
     ScriptedUpstream,
     leaked_sockets,
@@ -28,7 +29,6 @@ from tests.support import (
     wait_for,
 )
 
-TOKEN = make_token(ttl=3600)
 #: Seconds the gateway gives one upstream exchange in all (GATEWAY_UPSTREAM_TIMEOUT).
 TOTAL = 3.0
 
@@ -45,7 +45,7 @@ def one_worker_gateway(data_dir, **env) -> Gateway:
 def gateway(tmp_path_factory):
     gateway = one_worker_gateway(tmp_path_factory.mktemp("faults"))
     yield gateway
-    gateway.stop()
+    gateway.discard()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def stock_gateway(tmp_path_factory):
     """The same gateway with every fast path off (GATEWAY_FAST_PATHS=off)."""
     gateway = one_worker_gateway(tmp_path_factory.mktemp("stock"), GATEWAY_FAST_PATHS="off")
     yield gateway
-    gateway.stop()
+    gateway.discard()
 
 
 _names = iter(range(10**6))
@@ -71,12 +71,13 @@ class Exchange:
 
 
 def exchange(gateway: Gateway, upstream: ScriptedUpstream, timeout: float = 30.0,
-             name: str | None = None, extra: str = "") -> Exchange:
+             name: str | None = None, extra: str = "", token: str | None = None) -> Exchange:
     """Register ``upstream`` under a new name and send one GET to it on a connection of its
-    own: what came back, byte for byte."""
+    own (with ``token``, else a new one): what came back, byte for byte."""
     name = name or f"s{next(_names)}"
+    token = token or make_token()
     assert gateway.register(name, upstream.address).status_code == 201
-    request = (f"GET /{name}/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {TOKEN}\r\n"
+    request = (f"GET /{name}/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n"
                f"{extra}Connection: close\r\n\r\n").encode()
     raw = send_raw(gateway.port, request, half_close=False, timeout=timeout)
     return Exchange(name, *parse_response(raw), raw)
@@ -90,14 +91,15 @@ def assert_clean_after(gateway: Gateway, upstream: ScriptedUpstream, answer: Exc
                                timeout=5).json()
         return listing["instances"][0]["in_flight"]
 
-    wait_for(lambda: in_flight() == 0, timeout=10, what="in_flight back to 0")
-    wait_for(lambda: not leaked_sockets(gateway.worker_pids(), upstream.port), timeout=10,
-             what="no socket left towards the upstream")
-    wait_for(lambda: upstream.open_connections == 0, timeout=10,
+    wait_for(lambda: in_flight() == 0, timeout=READY_TIMEOUT, what="in_flight back to 0")
+    wait_for(lambda: not leaked_sockets(gateway.worker_pids(), upstream.port),
+             timeout=READY_TIMEOUT, what="no socket left towards the upstream")
+    wait_for(lambda: upstream.open_connections == 0, timeout=READY_TIMEOUT,
              what="the upstream's connections closed by the gateway")
     request_id = answer.headers.get("x-request-id")
     assert request_id
-    wait_for(lambda: request_id in gateway.log(), timeout=5, what="the access log line")
+    wait_for(lambda: request_id in gateway.log(), timeout=READY_TIMEOUT,
+             what="the access log line")
 
 
 def assert_json_error(answer: Exchange, expected: int = 502) -> None:
@@ -265,7 +267,7 @@ def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gatew
         # an IP literal in a refused range is refused at registration already
         assert gateway.register("literal", f"http://127.0.0.1:{upstream.port}").status_code \
             == 400
-        response = gateway.fresh_get("/named/x", {"Authorization": TOKEN})
+        response = gateway.fresh_get("/named/x", {"Authorization": make_token()})
         assert (response.status_code, response.json()["error"]) == (502, "bad_gateway")
         assert "refused address" in response.json()["message"]
         listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
@@ -279,7 +281,7 @@ def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gatew
             listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
             return listing["instances"][0]["last_check"]
 
-        check = wait_for(last_check, timeout=10, what="a health probe")
+        check = wait_for(last_check, timeout=READY_TIMEOUT, what="a health probe")
         assert check["ok"] is False
         assert upstream.requests == []  # nothing ever reached it
 
@@ -322,9 +324,9 @@ def test_probes_and_traffic_trust_the_same_private_ca(start_gateway, tmp_path, t
             listing = requests.get(f"{gateway.url}/_gateway/services/tls", timeout=5).json()
             return listing["instances"][0]["last_check"]
 
-        check = wait_for(last_check, timeout=10, what="a health probe")
+        check = wait_for(last_check, timeout=READY_TIMEOUT, what="a health probe")
         assert check["ok"] is True, check
-        assert gateway.fresh_get("/tls/x", {"Authorization": TOKEN}).status_code == 200
+        assert gateway.fresh_get("/tls/x", {"Authorization": make_token()}).status_code == 200
     finally:
         server.shutdown()
         server.server_close()
@@ -339,7 +341,7 @@ def test_untrusted_https_fails_probes_and_traffic_alike(start_gateway, tmp_path)
         requests.put(f"{gateway.url}/_gateway/services/tls/policy", json=policy, timeout=5)
         check = wait_for(lambda: requests.get(f"{gateway.url}/_gateway/services/tls",
                                               timeout=5).json()["instances"][0]["last_check"],
-                         timeout=10, what="a health probe")
+                         timeout=READY_TIMEOUT, what="a health probe")
         assert check["ok"] is False
     finally:
         server.shutdown()
@@ -367,9 +369,10 @@ def test_the_same_bytes_with_the_fast_paths_on_and_off(gateway, stock_gateway, s
     (but for the Date header, which tells the time)."""
     answers = []
     name = f"d{next(_names)}"  # the same on both gateways, and the same upstream
+    token = make_token()  # and the same token
     with ScriptedUpstream(script) as upstream:
         for each in (gateway, stock_gateway):
-            answer = exchange(each, upstream, name=name,
+            answer = exchange(each, upstream, name=name, token=token,
                               extra="X-Request-ID: diff-1\r\nUser-Agent: @@@SKIP_HEADER@@@\r\n")
             answers.append(re.sub(rb"\r\nDate: [^\r]*", b"", answer.raw))
     # (and for the trace context's parent ids, new for each hop)
