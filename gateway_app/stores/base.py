@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..config import Settings
     from ..ratelimit import Limiter
+    from .healthboard import HealthBoard
 
 
 class StoreError(Exception):
@@ -147,6 +148,13 @@ class Store(ABC):
         """A rate limiter kept in this store (shared by every node using it), or ``None`` to
         use the per-machine one."""
         return None
+
+    def make_health_board(self) -> HealthBoard:
+        """Where the health of instances is shared: by every process opening the same URL
+        (see healthboard.py). The default keeps it inside the process."""
+        from .healthboard import LocalBoard
+
+        return LocalBoard()
 
     def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections; the store may be reopened by the next call."""

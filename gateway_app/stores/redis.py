@@ -80,6 +80,7 @@ from .base import CHANGE_HISTORY, InstanceRecord, Store, StoreChanges, StoreErro
 
 if TYPE_CHECKING:
     from ..config import RateLimit, Settings
+    from .healthboard import HealthBoard
 
 log = logging.getLogger("gateway.store")
 
@@ -892,6 +893,12 @@ class RedisStore(Store):
 
     def make_limiter(self, settings: Settings) -> RedisLimiter:
         return RedisLimiter(self.config, fail_open=settings.rate_limit_fail_open)
+
+    def make_health_board(self) -> HealthBoard:
+        """Health shared by every node (see redis_health.py)."""
+        from .redis_health import RedisBoard
+
+        return RedisBoard(self.config)
 
 
 def _close_quietly(pubsub: Any) -> None:
