@@ -53,6 +53,8 @@ PROBE_CONCURRENCY = 4
 SYNC_INTERVAL = 0.2
 #: Seconds between two reports of a worker's in-flight counts when they do not change.
 REPORT_EVERY = 1.0
+#: Seconds request threads leave a board alone after it failed (the health thread does not).
+BOARD_RETRY = 5.0
 #: Readable words for the forwarder's failure kinds.
 _KIND_WORDS = {"connect_refused": "connection refused", "connect_timeout": "connect timeout",
                "name_unresolved": "name does not resolve", "reset": "connection reset"}
@@ -146,6 +148,8 @@ class HealthTracker:
         self._reported: dict[str, int] | None = None
         self._reported_at = 0.0
         self._last_warning = 0.0
+        #: Until when (monotonic) request threads do not try the board, after it failed.
+        self._board_down_until = 0.0
 
     # -- this process's copies ---------------------------------------------------------------
 
@@ -313,12 +317,17 @@ class HealthTracker:
             if event is not None:
                 emitted.append(event)
             return new, event, result
-        try:
-            result, state = self.board.update(health.key, tracked)
-        except StoreError as exc:
-            self._warn(exc)
-            new, _, result = tracked(health.state())
-            state = new
+        state = None
+        if time.monotonic() >= self._board_down_until:
+            try:
+                result, state = self.board.update(health.key, tracked)
+            except StoreError as exc:
+                # Request threads leave the board alone for a while (the health thread
+                # tries it meanwhile): an outage must not cost every failure a timeout.
+                self._board_down_until = time.monotonic() + BOARD_RETRY
+                self._warn(exc)
+        if state is None:
+            state, _, result = tracked(health.state())
         if state is not None:
             with self._lock:
                 self._known[health.key] = state
@@ -334,7 +343,9 @@ class HealthTracker:
         requests in flight when they changed (or every :data:`REPORT_EVERY` seconds)."""
         board = self.board
         try:
-            if board.version() != self._seen_version:
+            version = board.version()
+            self._board_down_until = 0.0
+            if version != self._seen_version:
                 version, states = board.changed(self._seen_version)
                 with self._lock:
                     self._known.update(states)

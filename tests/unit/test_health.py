@@ -281,18 +281,46 @@ def test_in_flight_is_reported_and_listed_by_any_worker(workers):
     assert two.view(["svc/a"], now)["svc/a"]["in_flight"] == 0
 
 
-def test_an_unreachable_board_leaves_health_per_worker(tmp_path):
+def test_an_unreachable_board_leaves_health_per_worker_without_waiting_on_it():
     from gateway_app.stores.redis import parse_url
     from gateway_app.stores.redis_health import RedisBoard
-    from tests.support import free_port
+    from tests.redis_support import SilentServer
 
-    board = RedisBoard(parse_url(f"redis://127.0.0.1:{free_port()}/0?socket_timeout=0.2"))
-    tracker = HealthTracker(board, ejection_seconds=1.0)
-    a = tracker.get("svc", "a")
-    now = time.time()
-    for _ in range(EJECT_AFTER):
-        tracker.failed(a, now, "connection refused")
-    assert a.ejected_until > now  # ejected here all the same
-    tracker.sync(now)  # no exception
-    assert tracker.view(["svc/a"], now)["svc/a"]["ejected_until"] == a.ejected_until
-    tracker.close()
+    with SilentServer() as silent:  # a hung Redis: every call waits for its timeout
+        board = RedisBoard(parse_url(silent.url(socket_timeout=0.5)))
+        tracker = HealthTracker(board, ejection_seconds=1.0)
+        a = tracker.get("svc", "a")
+        now = time.time()
+        started = time.monotonic()
+        for _ in range(EJECT_AFTER):
+            tracker.failed(a, now, "connection refused")
+        # the first failure waits for the board; the next ones leave it alone
+        assert time.monotonic() - started < 0.5 * 3
+        assert a.ejected_until > now  # ejected here all the same
+        assert tracker.view(["svc/a"], now)["svc/a"]["ejected_until"] == a.ejected_until
+        tracker.close()
+
+
+# -- the API, in process ----------------------------------------------------------------------
+
+
+def test_events_endpoint_and_listing_fields(make_app):
+    client = make_app().test_client()
+    created = client.post("/register_service", json={"name": "svc", "address": "http://a.test:1"})
+    instance_id = created.get_json()["instance"]["id"]
+    assert client.put(f"/_gateway/services/svc/instances/{instance_id}/drain").status_code == 200
+    answer = client.get(f"/_gateway/services/svc/instances/{instance_id}/events")
+    assert answer.status_code == 200
+    timeline = answer.get_json()["events"]
+    assert [(e["cause"], e["kind"]) for e in timeline] == [("registered", "registered"),
+                                                           ("drained", "drained")]
+    assert set(timeline[0]) == {"time", "node", "worker", "cause", "value", "kind"}
+    assert timeline[0]["value"] == "http://a.test:1" and timeline[0]["time"] <= time.time()
+    listed = client.get("/_gateway/services/svc").get_json()["instances"][0]
+    assert (listed["state"], listed["health"], listed["last_cause"]) == (
+        "draining", "draining", "drained")
+    assert listed["consecutive_failures"] == 0 and listed["in_flight"] == 0
+    for path, error in (("/_gateway/services/nope/instances/x/events", "service_not_found"),
+                        ("/_gateway/services/svc/instances/x/events", "instance_not_found")):
+        missing = client.get(path)
+        assert missing.status_code == 404 and missing.get_json()["error"] == error
