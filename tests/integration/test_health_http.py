@@ -164,6 +164,55 @@ def test_active_check_failure_is_one_view_and_the_instance_recovers(gateway):
     assert causes == ["registered", "probe passed", "probe: HTTP 500", "probe passed"]
 
 
+class Flaky(Recorder):
+    """An upstream that answers the server's ``fail_status`` to everything when it is set."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.server.fail_status:
+            self.server.seen.append({"method": "GET", "path": self.path})
+            self._send(self.server.fail_status, b"failing")
+        else:
+            self.handle_one()
+
+
+def test_an_ejection_by_one_worker_routes_every_worker_around_it(start_gateway, upstream):
+    gateway = start_gateway(GATEWAY_WORKERS=3, GATEWAY_EJECTION_SECONDS=5,
+                            GATEWAY_ADMIN_ALLOW=ELSEWHERE, GATEWAY_ADMIN_TOKEN=ADMIN)
+    token = bearer()
+    register(gateway, "svc", upstream.address)
+    gateway.wait_routable("/svc/", token)
+    with UpstreamServer() as flaky:
+        flaky.RequestHandlerClass = Flaky
+        flaky.fail_status = 503
+        flaky_id = register(gateway, "svc", flaky.address)
+        # 503s are answered (a GET is not retried on an answer) and counted over the workers
+        statuses = []
+
+        def ejected():
+            statuses.append(gateway.fresh_get("/svc/", token).status_code)
+            view = next(i for i in admin_get(gateway, "/_gateway/services/svc").json()[
+                "instances"] if i["address"] == flaky.address)
+            return view["state"] == "ejected" and view
+
+        view = wait_for(ejected, 60, what="the ejection")
+        ejected_at = time.monotonic()
+        assert statuses.count(503) >= 5 and view["last_cause"] == \
+            "5 consecutive failures: HTTP 503"
+        # every worker routes around it within the propagation bound (a second)
+        wait_for(lambda: all(gateway.fresh_get("/svc/", token).status_code == 200
+                             for _ in range(ANSWERS)), 1.0, interval=0.05,
+                 what="every worker routing around the ejected instance")
+        assert time.monotonic() - ejected_at < 1.0 + 0.5  # (one last round of requests)
+        # it answers again: once the ejection is over it gets traffic back, in every worker
+        flaky.fail_status = 0
+        wait_state(gateway, "svc", flaky.address, "healthy")
+        seen = len(flaky.seen)
+        wait_for(lambda: gateway.fresh_get("/svc/", token).status_code == 200
+                 and len(flaky.seen) > seen + ANSWERS, 30, what="traffic to it again")
+    assert [e["cause"] for e in events(gateway, "svc", flaky_id)] == [
+        "registered", "5 consecutive failures: HTTP 503", "request succeeded after ejection"]
+
+
 def test_in_flight_requests_are_counted_over_workers(gateway, upstream):
     register(gateway, "svc", upstream.address)
     token = bearer()
