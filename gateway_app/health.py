@@ -374,9 +374,15 @@ class HealthTracker:
         return {k: {**states.get(k, {}), "in_flight": in_flight.get(k, 0)} for k in keys}
 
     def _quietly(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or ``None`` when the board fails or failed lately (see
+        :data:`BOARD_RETRY`). A state it leaves behind (a forget undone) is cleared at the next
+        full load of the registry (a worker's start)."""
+        if time.monotonic() < self._board_down_until:
+            return None
         try:
             return fn(*args)
         except StoreError as exc:
+            self._board_down_until = time.monotonic() + BOARD_RETRY
             self._warn(exc)
             return None
 
@@ -387,6 +393,9 @@ class HealthTracker:
             log.warning("the health board cannot be reached; health stays per worker: %s", exc)
 
     def close(self) -> None:
+        """Say this worker has nothing in flight any more, and release the board."""
+        if self._reported:
+            self._quietly(self.board.report, f"{self.node}/{os.getpid()}", {}, time.time())
         self.board.close()
 
 
