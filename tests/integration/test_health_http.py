@@ -195,14 +195,12 @@ def test_an_ejection_by_one_worker_routes_every_worker_around_it(start_gateway, 
             return view["state"] == "ejected" and view
 
         view = wait_for(ejected, 60, what="the ejection")
-        ejected_at = time.monotonic()
         assert statuses.count(503) >= 5 and view["last_cause"] == \
             "5 consecutive failures: HTTP 503"
         # every worker routes around it within the propagation bound (a second)
         wait_for(lambda: all(gateway.fresh_get("/svc/", token).status_code == 200
                              for _ in range(ANSWERS)), 1.0, interval=0.05,
                  what="every worker routing around the ejected instance")
-        assert time.monotonic() - ejected_at < 1.0 + 0.5  # (one last round of requests)
         # it answers again: once the ejection is over it gets traffic back, in every worker
         flaky.fail_status = 0
         wait_state(gateway, "svc", flaky.address, "healthy")
@@ -221,11 +219,9 @@ def test_in_flight_requests_are_counted_over_workers(gateway, upstream):
     slow.start()
     wait_for(lambda: any(s["path"] == "/slow/4" for s in upstream.seen), 30,
              what="the slow request upstream")
-    started = time.monotonic()
     wait_for(lambda: all(v["in_flight"] == 1
                          for v in instance_views(gateway, "svc", upstream.address, 6)),
              PROPAGATION, interval=0.05, what="the request in flight, in every listing")
-    assert time.monotonic() - started < PROPAGATION
     slow.join(30)
     wait_for(lambda: all(v["in_flight"] == 0
                          for v in instance_views(gateway, "svc", upstream.address, 6)),
