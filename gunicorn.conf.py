@@ -25,7 +25,7 @@ from gateway_app.config import (
 )
 from gateway_app.jwks import check_provider
 from gateway_app.ratelimit import SharedBuckets
-from gateway_app.stores import StoreError
+from gateway_app.stores import StoreError, healthboard
 from gateway_app.stores import sqlite as sqlite_store
 from gateway_app.worker_balance import FREE, ConnectionBoard
 
@@ -141,8 +141,8 @@ def _raise_open_files(server):
 
 def on_starting(server):
     """Create what all workers share once, before they fork: the generated JWT secret and
-    registration key, an empty rate-limit table, and the SQLite store's file (schema, WAL
-    mode)."""
+    registration key, an empty rate-limit table, and the SQLite store's files (the registry's
+    and the health board's: schema, WAL mode)."""
     if server.cfg.reuse_port:
         _check_bind_free(server)
     _raise_open_files(server)
@@ -167,6 +167,7 @@ def on_starting(server):
     if _settings.store.startswith("sqlite:///"):
         try:
             sqlite_store.prepare(_settings.store[len("sqlite:///"):])
+            healthboard.prepare(healthboard.health_path(_settings.store[len("sqlite:///"):]))
         except StoreError as exc:
             server.log.error("GATEWAY_STORE: cannot prepare the registry: %s", exc)
             sys.exit(2)

@@ -28,7 +28,7 @@ from .credentials import RegistrationCredentials
 from .errors import register_error_handlers
 from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
-from .health import ActiveChecker
+from .health import ActiveChecker, HealthTracker
 from .jwks import ProviderError, ProviderKeys
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
@@ -51,6 +51,10 @@ class GatewayState:
     forwarder: Forwarder
     limiter: Limiter
     retries: RetryBudget
+    #: The health of every instance, shared with the other workers (and nodes) through the
+    #: store's health board.
+    health: HealthTracker
+    #: Keeps this process's health copies in sync, and probes.
     checker: ActiveChecker
     #: This gateway's name in the ``Via`` header of every forwarded request.
     pseudonym: str
@@ -75,6 +79,7 @@ class GatewayState:
         accesslog.flush()
         self.checker.stop()
         self.registry.close()
+        self.health.close()
         self.forwarder.close()
         self.limiter.close()
         self.verifier.close()
@@ -143,8 +148,9 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["rest"] = RestConverter
 
     store = open_store(settings.store)
-    registry = Registry(store, settings.refresh_interval, settings.balancing,
-                        settings.ejection_seconds)
+    health = HealthTracker(store.make_health_board(), settings.ejection_seconds,
+                           settings.node_id)
+    registry = Registry(store, settings.refresh_interval, settings.balancing, health)
     # One transport for the traffic and the health probes alike.
     forwarder = Forwarder(pool_size=settings.threads, ca_bundle=settings.upstream_ca_bundle,
                           addresses=AddressPolicy(settings.upstream_deny, settings.bind),
@@ -156,7 +162,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         forwarder=forwarder,
         limiter=build_limiter(settings),
         retries=RetryBudget(),
-        checker=ActiveChecker(registry, registry.health, forwarder),
+        health=health,
+        checker=ActiveChecker(registry.snapshot, health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
         credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
     )

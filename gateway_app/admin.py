@@ -38,13 +38,14 @@ from .errors import (
     PolicyNotFound,
     RateLimited,
     ServiceNotFound,
+    StoreUnavailable,
     Unauthorized,
 )
 from .front import is_own_address
 from .policies import validate_policy
 from .ratelimit import refused_credential_key
-from .registry import Instance
-from .stores import InstanceRecord
+from .registry import Instance, Service
+from .stores import InstanceRecord, StoreError
 from .timestamps import rfc3339
 from .validation import (
     NAME_RE,
@@ -189,7 +190,21 @@ def _parse_body(text: str) -> dict[str, Any] | tuple[str, str | None]:
 
 
 def _instance_json(record: InstanceRecord) -> dict[str, Any]:
-    return Instance(record).to_dict(current_app.extensions["gateway"].registry.now())
+    gw = current_app.extensions["gateway"]
+    now = gw.registry.now()
+    instance = Instance(record)
+    key = instance.health.key
+    return instance.to_dict(now, gw.health.view([key], time.time()).get(key))
+
+
+def _with_health(services: list[Service]) -> list[dict[str, Any]]:
+    """Services as listed, with the health every worker shares (read from the board, so the
+    answer is the same whichever worker gives it)."""
+    gw = current_app.extensions["gateway"]
+    keys = [i.health.key for s in services for i in s.instances]
+    health = gw.health.view(keys, time.time())
+    now = gw.registry.now()
+    return [s.to_dict(now, health) for s in services]
 
 
 # -- the seed's endpoints ------------------------------------------------------------------
@@ -288,8 +303,7 @@ def list_services() -> Response:
         names = tuple(n for n in names if n in scope)
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start:start + limit]
-    now = registry.now()
-    return jsonify(services=[snapshot.services[n].to_dict(now) for n in page],
+    return jsonify(services=_with_health([snapshot.services[n] for n in page]),
                    next=page[-1] if start + limit < len(names) else None)
 
 
@@ -299,7 +313,24 @@ def get_service(name: str) -> Response:
     service = registry.current().services.get(name)
     if service is None:
         raise ServiceNotFound(f"no service named {name!r}")
-    return jsonify(service.to_dict(registry.now()))
+    return jsonify(_with_health([service])[0])
+
+
+@bp.get("/_gateway/services/<name>/instances/<instance>/events")
+def instance_events(name: str, instance: str) -> Response:
+    """The instance's timeline: its last transitions (at least 50), oldest first, as
+    ``{"events": [{"time", "node", "worker", "cause", "value", "kind"}, ...]}``."""
+    gw = current_app.extensions["gateway"]
+    service = gw.registry.current().services.get(name)
+    if service is None:
+        raise ServiceNotFound(f"no service named {name!r}")
+    if not any(i.id == instance for i in service.instances):
+        raise InstanceNotFound(f"service {name!r} has no such instance")
+    try:
+        events = gw.health.events(name, instance)
+    except StoreError as exc:
+        raise StoreUnavailable(f"the health board is unavailable: {exc}") from exc
+    return jsonify(events=events)
 
 
 @bp.delete("/_gateway/services/<name>")

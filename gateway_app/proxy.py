@@ -36,7 +36,7 @@ from .errors import (
 from .forwarding import CHUNK_SIZE, BodyReader, open_body, read_upto, release
 from .front import RequestView, traceparent, via_header
 from .headers import GATEWAY_OWNED, HOP_BY_HOP, dropped_headers
-from .health import FAILURE_STATUSES
+from .health import FAILURE_STATUSES, failure_cause
 from .policies import DEFAULT_POLICY, Policy
 from .ratelimit import Decision, RateLimit, refused_credential_key
 from .registry import Instance, Service
@@ -173,10 +173,10 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
     still a JSON 502 or 504; after the answer starts, a failure cuts the connection. Whatever
     goes wrong before the response is handed over, the instance's count and the connection are
     released."""
-    health = gw.registry.health
+    health = gw.health
     policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
-        health.failed(instance.health, time.time(), f"status {upstream.status_code}")
+        health.failed(instance.health, time.time(), f"HTTP {upstream.status_code}")
     else:
         health.succeeded(instance.health, time.time())
     released = False
@@ -249,7 +249,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
     if isinstance(body, BodyReader):
         body.deadline = deadline
     target = view.upstream_path()
-    health = gw.registry.health
+    health = gw.health
     tried: set[str] = set()
     failure: GatewayError | None = None
     gw.retries.request()
@@ -275,7 +275,7 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
-            health.failed(instance.health, time.time(), exc.error)
+            health.failed(instance.health, time.time(), failure_cause(exc))
             streamed = body.sent if isinstance(body, BodyReader) else None
             if may_retry(exc.safe_to_retry, idempotent, streamed, len(tried),
                          deadline.remaining(), gw.retries):

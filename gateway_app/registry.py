@@ -18,289 +18,27 @@ This is the seed's ``Arc<RwLock<HashMap>>`` made to work across gunicorn's proce
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import itertools
 import logging
 import os
-import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from .errors import StoreUnavailable
-from .health import HealthTracker, InstanceHealth
-from .policies import DEFAULT_POLICY, Policy, compile_policy
-from .stores import InstanceRecord, Store, StoreChanges, StoreError, StoreState
+from .health import HealthTracker
+from .snapshot import EMPTY, REVOKED_PREFIX, Instance, Service, Snapshot
+from .stores import InstanceRecord, Store, StoreError
 from .throttle import Throttled
-from .timestamps import rfc3339
 from .validation import instance_id
+
+__all__ = ["EMPTY", "REVOKED_PREFIX", "Instance", "Registry", "Service", "Snapshot"]
 
 log = logging.getLogger("gateway.registry")
 T = TypeVar("T")
-#: Store policy names under which revoked registration credentials are kept (``_revoked:ID``
-#: -> ``{"until": expiry}``). A service name cannot start with "_", so none collides.
-REVOKED_PREFIX = "_revoked:"
 
-
-class Instance:
-    """An instance as request threads see it: the stored record, what forwarding needs, and
-    this process's view of its health."""
-
-    __slots__ = ("record", "service", "id", "address", "weight", "expires_at", "draining",
-                 "scheme", "host", "port", "base_path", "origin", "health", "checked")
-
-    def __init__(self, record: InstanceRecord, health: InstanceHealth | None = None,
-                 checked: bool = False):
-        self.record = record
-        self.service = record.service
-        self.id = record.id
-        self.address = record.address
-        self.weight = record.weight
-        self.expires_at = record.expires_at
-        self.draining = record.draining
-        parts = urlsplit(record.address)
-        self.scheme = parts.scheme
-        self.host = parts.hostname or ""
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.base_path = parts.path
-        #: ``scheme://host[:port]``, the pool key for forwarding.
-        self.origin = f"{parts.scheme}://{parts.netloc}"
-        self.health = health or InstanceHealth()
-        #: The service has an active health check.
-        self.checked = checked
-
-    def live(self, now: float) -> bool:
-        """Registered for traffic: lease valid and not draining."""
-        return not self.draining and (self.expires_at is None or self.expires_at > now)
-
-    def state(self, now: float) -> str:
-        if self.draining:
-            return "draining"
-        health = self.health
-        if (self.expires_at is not None and self.expires_at <= now) or \
-                health.ejected_until > now or (self.checked and health.checked
-                                               and not health.check_ok):
-            return "unhealthy"
-        if (self.checked and health.check_ok) or health.last_success:
-            return "healthy"
-        return "unknown"
-
-    def to_dict(self, now: float) -> dict[str, Any]:
-        r = self.record
-        return {
-            "id": r.id,
-            "address": r.address,
-            "weight": r.weight,
-            "metadata": r.metadata,
-            "ttl": r.ttl,
-            "registered_at": rfc3339(r.registered_at),
-            "expires_at": rfc3339(r.expires_at),
-            "health": self.state(now),
-            **self.health.to_dict(now),
-        }
-
-
-def smooth_schedule(weights: list[int], limit: int = 4096) -> tuple[int, ...]:
-    """Indices in smooth weighted round-robin order (nginx's algorithm): weights 5,1,1 give
-    a a b a c a a, not a a a a a b c. Weights are scaled down if the cycle would be long."""
-    total = sum(weights)
-    if total > limit:
-        weights = [max(1, w * limit // total) for w in weights]
-    current = [0] * len(weights)
-    order = []
-    for _ in range(sum(weights)):
-        for i, w in enumerate(weights):
-            current[i] += w
-        best = max(range(len(weights)), key=current.__getitem__)
-        current[best] -= sum(weights)
-        order.append(best)
-    return tuple(order)
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str
-    instances: tuple[Instance, ...]
-    strategy: str = "round_robin"
-    health_check: dict[str, Any] | None = None
-    #: Round-robin order over ``instances`` by weight.
-    schedule: tuple[int, ...] = ()
-    #: Round-robin position; ``next()`` on ``itertools.count`` is atomic under the GIL.
-    _counter: itertools.count = field(default_factory=itertools.count, compare=False)
-
-    def choose(self, now: float, exclude: frozenset[str] = frozenset()) -> Instance | None:
-        """An instance for the next request, ``None`` when none can take it.
-
-        Instances whose lease lapsed, that drain, or that do not pass their active check get
-        nothing. Ejected ones (passive health) are passed over too, unless that leaves fewer
-        than half of the others: then (the panic threshold) all of them are used rather than
-        none. ``exclude`` names instances a retry must avoid.
-        """
-        instances = self.instances
-        checked = self.health_check is not None
-        if len(instances) == 1 and not exclude:
-            only = instances[0]  # alone, it is used even when ejected: the panic rule
-            return only if only.live(now) and (not checked or only.health.check_ok) else None
-        live = [i for i in instances if i.live(now) and (not checked or i.health.check_ok)]
-        ready = [i for i in live if i.health.ejected_until <= now]
-        if 2 * len(ready) < len(live):  # panic: most are ejected; spread over all of them
-            ready = live
-        if exclude:
-            ready = [i for i in ready if i.id not in exclude]
-        if not ready:
-            return None
-        if len(ready) == 1:
-            return ready[0]
-        if self.strategy == "least_in_flight":
-            return min(ready, key=lambda i: ((i.health.in_flight + 1) / i.weight,
-                                             random.random()))
-        if self.strategy == "random":
-            return random.choices(ready, weights=[i.weight for i in ready])[0]
-        position = next(self._counter)
-        if len(ready) == len(instances):
-            return instances[self.schedule[position % len(self.schedule)]]
-        total = sum(i.weight for i in ready)
-        point = position % total
-        for instance in ready:
-            point -= instance.weight
-            if point < 0:
-                return instance
-        return ready[-1]
-
-    def to_dict(self, now: float) -> dict[str, Any]:
-        return {"name": self.name, "instances": [i.to_dict(now) for i in self.instances]}
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The registry at one version. Never mutated; replaced whole."""
-
-    version: int
-    services: Mapping[str, Service]
-    #: Compiled policies for the hot path, by service name.
-    policies: Mapping[str, Policy]
-    #: The policies as stored, for the registry API.
-    policy_docs: Mapping[str, dict[str, Any]]
-    #: The earliest lease expiry, so the watcher knows when a purge is due.
-    next_expiry: float | None
-    #: False only for :data:`EMPTY`, the snapshot of a worker that has not loaded the
-    #: registry yet: "no such service" cannot be told from it.
-    loaded: bool = True
-
-    #: Service names in order, for the paginated listing.
-    names: tuple[str, ...] = ()
-    #: Revoked registration credentials: id -> when its revocation may be forgotten.
-    revoked: Mapping[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_state(cls, state: StoreState, health: HealthTracker | None = None,
-                   default_strategy: str = "round_robin") -> Snapshot:
-        """The whole registry, from a full load."""
-        health = health or HealthTracker()
-        docs = {name: doc for name, doc in state.policies.items()
-                if not name.startswith(REVOKED_PREFIX)}
-        revoked = {name[len(REVOKED_PREFIX):]: float(doc.get("until", 0))
-                   for name, doc in state.policies.items() if name.startswith(REVOKED_PREFIX)}
-        policies = {name: compile_policy(doc) for name, doc in docs.items()}
-        grouped: dict[str, list[InstanceRecord]] = {}
-        for record in state.instances:
-            grouped.setdefault(record.service, []).append(record)
-        services = {name: _service(name, records, policies.get(name, DEFAULT_POLICY), health,
-                                   default_strategy)
-                    for name, records in grouped.items()}
-        health.keep_only({(r.service, r.id) for r in state.instances})
-        expiries = [r.expires_at for r in state.instances if r.expires_at is not None]
-        return cls(
-            version=state.version,
-            services=services,
-            policies=policies,
-            policy_docs=docs,
-            next_expiry=min(expiries) if expiries else None,
-            names=tuple(sorted(services)),
-            revoked=revoked,
-        )
-
-    def apply(self, changes: StoreChanges, health: HealthTracker,
-              default_strategy: str = "round_robin") -> Snapshot:
-        """A new snapshot: this one with the services ``changes`` touched rebuilt, the others
-        shared as they are (their objects, their round-robin positions). Costs what changed,
-        plus copying the maps of references (C speed: about 0.1 ms for 10,000 services)."""
-        services = dict(self.services)
-        policies = dict(self.policies)
-        policy_docs = dict(self.policy_docs)
-        grouped: dict[str, list[InstanceRecord]] = {}
-        for record in changes.instances:
-            grouped.setdefault(record.service, []).append(record)
-        added, removed = [], []
-        revoked: dict[str, float] | None = None  # copied at the first revocation changed
-        for name in changes.services:
-            doc = changes.policies.get(name)
-            if name.startswith(REVOKED_PREFIX):  # a revoked credential, not a service
-                revoked = dict(self.revoked) if revoked is None else revoked
-                if doc is None:
-                    revoked.pop(name[len(REVOKED_PREFIX):], None)
-                else:
-                    revoked[name[len(REVOKED_PREFIX):]] = float(doc.get("until", 0))
-                continue
-            if doc is None:
-                policies.pop(name, None)
-                policy_docs.pop(name, None)
-            else:
-                policies[name] = compile_policy(doc)
-                policy_docs[name] = doc
-            old = services.get(name)
-            records = grouped.get(name)
-            if records:
-                services[name] = _service(name, records, policies.get(name, DEFAULT_POLICY),
-                                          health, default_strategy)
-                if old is None:
-                    added.append(name)
-            elif old is not None:
-                del services[name]
-                removed.append(name)
-            if old is not None:  # forget the health of instances that left
-                kept = {r.id for r in records or ()}
-                health.forget(name, [i.id for i in old.instances if i.id not in kept])
-        names = self.names
-        if added or removed:
-            ordered = list(names)
-            for name in removed:
-                del ordered[bisect.bisect_left(ordered, name)]
-            for name in added:
-                bisect.insort(ordered, name)
-            names = tuple(ordered)
-        # A bound, never later than the earliest lease: a lease renewed or removed leaves it
-        # early, and the watcher then asks the store for the true one (Registry.refresh).
-        expiries = [r.expires_at for r in changes.instances if r.expires_at is not None]
-        if self.next_expiry is not None:
-            expiries.append(self.next_expiry)
-        return Snapshot(
-            version=changes.version,
-            services=services,
-            policies=policies,
-            policy_docs=policy_docs,
-            next_expiry=min(expiries) if expiries else None,
-            names=names,
-            revoked=self.revoked if revoked is None else revoked,
-        )
-
-
-def _service(name: str, records: list[InstanceRecord], policy: Policy, health: HealthTracker,
-             default_strategy: str) -> Service:
-    check = policy.health_check
-    ordered = sorted(records, key=lambda r: (r.registered_at, r.id))
-    instances = tuple(Instance(r, health.get(name, r.id), check is not None) for r in ordered)
-    return Service(name, instances, strategy=policy.balancing or default_strategy,
-                   health_check=check, schedule=smooth_schedule([i.weight for i in instances]))
-
-
-EMPTY = Snapshot(version=-1, services={}, policies={}, policy_docs={}, next_expiry=None,
-                 loaded=False)
 
 #: Seconds between two attempts to reach a store that failed, at most (the wait doubles from
 #: the refresh interval up to this).
@@ -313,12 +51,14 @@ class Registry:
     """Readers get :meth:`snapshot`; writers go through the methods below, one at a time."""
 
     def __init__(self, store: Store, refresh_interval: float = 0.1,
-                 default_strategy: str = "round_robin", ejection_seconds: float = 30.0) -> None:
+                 default_strategy: str = "round_robin",
+                 health: HealthTracker | None = None) -> None:
         self.store = store
         self.refresh_interval = refresh_interval
         self.default_strategy = default_strategy
-        #: This process's view of every instance's health, kept across snapshots.
-        self.health = HealthTracker(ejection_seconds)
+        #: The gateway's health tracker (the app state owns it): snapshots attach each
+        #: instance's health copy, and registry writes go on the instances' timelines.
+        self.health = health or HealthTracker()
         self._write_lock = threading.Lock()
         self._snapshot = EMPTY
         self._watching = False
@@ -363,8 +103,10 @@ class Registry:
         return f"{reason} ({self._last_error})" if self._last_error else reason
 
     def snapshot(self) -> Snapshot:
-        """The current snapshot. No lock, no I/O. Until the registry is loaded it is
-        :data:`EMPTY`, whose ``loaded`` is false."""
+        """The current snapshot: a read of one reference, no lock, no I/O, except on the
+        first call in a forked process, which starts its watcher and first catches up with
+        the store (under the write lock). Until the registry is loaded it is :data:`EMPTY`,
+        whose ``loaded`` is false."""
         if not self._watching:
             self._start_watcher()
         return self._snapshot
@@ -508,7 +250,10 @@ class Registry:
         """Add an instance, or renew and update it. ``address`` must be normalised."""
         record = InstanceRecord(service=name, id=instance_id(address), address=address,
                                 weight=weight, metadata=metadata or {}, ttl=ttl)
-        return self._write(self.store.register, record)
+        stored, new = self._write(self.store.register, record)
+        self.health.record(name, stored.id, "registered" if new else "re-registered",
+                           "registered" if new else "re-registered", stored.address)
+        return stored, new
 
     def heartbeat(self, name: str, instance: str) -> InstanceRecord | None:
         return self._write(self.store.heartbeat, name, instance)
@@ -520,11 +265,18 @@ class Registry:
         return self._write(self.store.remove_service, name)
 
     def drain(self, name: str, instance: str) -> InstanceRecord | None:
-        return self._write(self.store.set_draining, name, instance, True)
+        return self._set_draining(name, instance, True)
 
     def undrain(self, name: str, instance: str) -> InstanceRecord | None:
         """Take a drained instance back into rotation (re-registering it does the same)."""
-        return self._write(self.store.set_draining, name, instance, False)
+        return self._set_draining(name, instance, False)
+
+    def _set_draining(self, name: str, instance: str, draining: bool) -> InstanceRecord | None:
+        record = self._write(self.store.set_draining, name, instance, draining)
+        if record is not None:
+            self.health.record(name, instance, "drained" if draining else "undrained",
+                               "drained" if draining else "back in rotation")
+        return record
 
     def put_policy(self, name: str, policy: dict[str, Any]) -> None:
         self._write(self.store.put_policy, name, policy)

@@ -296,8 +296,8 @@ class Recorder(BaseHTTPRequestHandler):
 class UpstreamServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Recorder)
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), Recorder)
         self.seen: list[dict] = []
         self.port = self.server_address[1]
         self.address = f"http://127.0.0.1:{self.port}"

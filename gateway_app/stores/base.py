@@ -16,7 +16,10 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .healthboard import HealthBoard
 
 
 class StoreError(Exception):
@@ -135,6 +138,12 @@ class Store(ABC):
         store with notifications, like Redis pub/sub, returns as soon as one arrives) or when
         ``stop`` is set. The registry's watcher then compares versions."""
         stop.wait(timeout)
+
+    def make_health_board(self) -> HealthBoard | None:
+        """Where the health of instances is shared: by every process opening the same URL
+        (see healthboard.py). ``None``, the default, keeps it inside the process (the health
+        tracker's own ``LocalBoard``)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (optional to override)
         """Release connections; the store may be reopened by the next call."""

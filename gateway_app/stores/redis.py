@@ -66,13 +66,16 @@ import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..throttle import Throttled
 from . import redis_scripts as scripts
 from .base import InstanceRecord, Store, StoreChanges, StoreError, StoreState
 from .redis_client import REDIS_ERRORS, ServerClock, make_client, parse_url
 from .redis_pubsub import ChangeSubscription
+
+if TYPE_CHECKING:
+    from .healthboard import HealthBoard
 
 log = logging.getLogger("gateway.store")
 
@@ -318,3 +321,9 @@ class RedisStore(Store):
         """Block on the change channel until a notification, ``timeout`` or ``stop`` (see
         :meth:`~gateway_app.stores.redis_pubsub.ChangeSubscription.wait`)."""
         self._changes.wait(timeout, stop)
+
+    def make_health_board(self) -> HealthBoard:
+        """Health shared by every node (see redis_health.py)."""
+        from .redis_health import RedisBoard
+
+        return RedisBoard(self.config)

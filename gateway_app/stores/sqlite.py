@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import CHANGE_HISTORY, InstanceRecord, Store, StoreChanges, StoreError, StoreState
+from .healthboard import HealthBoard, SQLiteBoard, health_path
 
 T = TypeVar("T")
 
@@ -128,6 +129,10 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+
+    def make_health_board(self) -> HealthBoard:
+        """A board in a file next to the registry's, shared by this machine's workers."""
+        return SQLiteBoard(health_path(self.path))
 
     # -- connection ------------------------------------------------------------------------
 

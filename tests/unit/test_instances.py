@@ -9,7 +9,7 @@ import pytest
 import requests
 import responses
 
-from gateway_app.registry import smooth_schedule
+from gateway_app.balancing import smooth_schedule
 from tests.support import wait_for
 
 A, B, C = "http://a.test:1", "http://b.test:2", "http://c.test:3"
@@ -195,7 +195,7 @@ def test_active_check_admits_after_first_pass_and_recovers(make_app, upstream, a
         "path": "/healthz", "interval": 0.2, "timeout": 0.1, "unhealthy_threshold": 1,
         "healthy_threshold": 1}})
     service = lambda: app.extensions["gateway"].registry.snapshot().services["svc"]  # noqa: E731
-    wait_for(lambda: service().instances[0].health.checked, timeout=30, what="a first probe")
+    wait_for(lambda: service().instances[0].health.probed, timeout=30, what="a first probe")
     assert client.get("/svc", headers=auth).status_code == 200
     healthy["a.test:1"] = False
     wait_for(lambda: not service().instances[0].health.check_ok, timeout=30, what="a failure")
