@@ -227,6 +227,7 @@
     digest: null,
     digestAt: 0,
     rates: null,
+    events: new Map(),     // "service/id" -> the instance's events, as last read
     observed: new Map(),   // "service/id" -> [{time, from, to, cause}]
     lastState: new Map(),  // "service/id" -> state
     open: new Set(),       // timelines the user opened
@@ -277,22 +278,35 @@
       + encodeURIComponent(inst.id) + "/events";
   }
 
+  /** The timelines worth a request this time: instances that are not healthy, whose state
+   * just changed, or whose timeline is open; the others keep the last one read. */
   async function readEvents(services) {
     const events = new Map();
     const wanted = [];
     for (const service of services) {
       for (const inst of service.instances || []) {
-        wanted.push([service.name, inst]);
+        const key = service.name + "/" + inst.id;
+        const state = instanceState(inst);
+        const fresh = state !== "healthy" || page.lastState.get(key) !== state
+          || page.open.has(key) || !page.events.has(key);
+        if (fresh) wanted.push([service.name, inst]);
+        else events.set(key, page.events.get(key));
       }
     }
     // Instances that are not healthy first: their timelines say why.
     wanted.sort((a, b) => (instanceState(a[1]) === "healthy") - (instanceState(b[1]) === "healthy"));
     await Promise.all(wanted.slice(0, MAX_EVENT_FETCHES).map(async ([name, inst]) => {
+      const key = name + "/" + inst.id;
       try {
         const body = await get(instancePath(name, inst));
-        events.set(name + "/" + inst.id, Array.isArray(body.events) ? body.events : []);
+        events.set(key, Array.isArray(body.events) ? body.events : []);
       } catch (e) { /* gone since the listing: drawn without a timeline */ }
     }));
+    for (const [name, inst] of wanted.slice(MAX_EVENT_FETCHES)) {
+      const key = name + "/" + inst.id;
+      if (page.events.has(key)) events.set(key, page.events.get(key));
+    }
+    page.events = events;
     return events;
   }
 

@@ -95,11 +95,16 @@ def console_errors(driver, allowed: tuple[str, ...] = ()) -> list[dict]:
 
 def wait_page(driver, predicate, what: str, timeout: float = READY_TIMEOUT):
     """Wait until ``predicate(driver)`` is truthy (the page refreshes on its own)."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
 
     def attempt():
         try:
             return predicate(driver)
+        except NoSuchElementException:  # not drawn yet
+            return None
         except StaleElementReferenceException:  # redrawn between the find and the read
             return None
 
@@ -293,4 +298,90 @@ def test_the_page_computes_rates_errors_and_p99_from_two_scrapes(gateway, browse
     assert result["p99Inf"] == pytest.approx(0.1)   # in +Inf: the highest finite bound
     assert result["p50"] == pytest.approx(0.15)
     assert result["none"] is None
+    assert console_errors(browser) == []
+
+
+@pytest.fixture
+def served_app(tmp_path):
+    """A gateway app served by werkzeug on loopback, for routes a test adds to it: the
+    metrics and instance events the page reads where a gateway has them."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from gateway_app import create_app
+    from tests.conftest import SECRET
+
+    app = create_app({"GATEWAY_STORE": "memory://", "GATEWAY_WORKERS": "1",
+                      "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_JWT_SECRET": SECRET})
+    servers = []
+
+    def serve():
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield app, serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+    app.extensions["gateway"].close()
+
+
+def test_the_page_draws_rates_p99_refusals_and_timelines_from_the_gateways_api(
+        served_app, browser):
+    from flask import Response
+    from selenium.webdriver.common.by import By
+
+    app, serve = served_app
+    scrapes = [0]
+
+    def metrics() -> Response:
+        n = scrapes[0] = scrapes[0] + 1  # each scrape: 20 more requests, 2 of them 502
+        return Response(
+            f'gateway_requests_total{{service="svc",method="GET",code="200"}} {18 * n}\n'
+            f'gateway_requests_total{{service="svc",method="GET",code="502"}} {2 * n}\n'
+            f'gateway_request_duration_seconds_bucket{{service="svc",le="0.005"}} {19 * n}\n'
+            f'gateway_request_duration_seconds_bucket{{service="svc",le="0.1"}} {20 * n}\n'
+            f'gateway_request_duration_seconds_bucket{{service="svc",le="+Inf"}} {20 * n}\n'
+            f'gateway_rate_limited_total{{service="svc"}} {3 * n}\n'
+            f'gateway_token_refusals_total{{reason="expired"}} 4\n'
+            'gateway_store_up 1\n', mimetype="text/plain")
+
+    cause = "5 consecutive failures: connection refused"
+
+    def events(name: str, instance: str) -> dict:
+        return {"events": [{"time": 1700000000.0, "node": "n1", "worker": 42,
+                            "cause": "probe passed", "value": None},
+                           {"time": 1700000001.5, "node": "n1", "worker": 42,
+                            "cause": cause, "value": 5}]}
+
+    app.add_url_rule("/_gateway/metrics", "fake_metrics", metrics)
+    app.add_url_rule("/_gateway/services/<name>/instances/<instance>/events", "fake_events",
+                     events)
+    client = app.test_client()
+    assert client.post("/register_service", json={"name": "svc",
+                                                  "address": "http://127.0.0.1:9"}
+                       ).status_code == 201
+    url = serve()
+    browser.get(url + "/_gateway/ui")
+    row = 'tr.service[data-service="svc"]'
+    wait_page(browser, lambda d: d.find_element(By.CSS_SELECTOR, f"{row} td.p99").text
+              == "81 ms", "p99 from the buckets' increase (19 of 20 under 5 ms)")
+    assert browser.find_element(By.CSS_SELECTOR, f"{row} td.errors").text == "10.0%"
+    assert float(browser.find_element(By.CSS_SELECTOR, f"{row} td.rate").text) > 0
+    assert float(browser.find_element(By.CSS_SELECTOR, f"{row} td.limited").text) > 0
+    assert not browser.find_element(By.ID, "metrics-note").is_displayed()
+    refusals = browser.find_element(By.ID, "refusals").text
+    assert "rate limit: svc" in refusals and "token: expired" in refusals
+    # The cause is the newest event's; the timeline lists them newest first.
+    assert cells(browser, "svc", "cause") == [cause]
+    browser.find_element(By.CSS_SELECTOR, 'tr.service-detail[data-service="svc"] summary'
+                         ).click()
+    items = wait_page(browser, lambda d: [li.text for li in d.find_elements(
+        By.CSS_SELECTOR, 'tr.service-detail[data-service="svc"] details[open] li')],
+        "the open timeline")
+    assert len(items) == 2 and cause in items[0] and "n1 pid 42" in items[0]
+    assert "probe passed" in items[1]
     assert console_errors(browser) == []
