@@ -76,7 +76,10 @@ def test_the_overview_names_the_store_kind_never_its_url(app, client):
     assert body["store"] == {"kind": "memory", "up": True, "down_since": None, "error": None,
                              "loaded": True}
     assert body["node"] == gw.settings.node_id and body["ready"] is True
-    assert body["eject_after"] == 5 and body["features"] == {"metrics": False, "events": False}
+    rules = {rule.rule for rule in app.url_map.iter_rules()}
+    assert body["eject_after"] == 5 and body["features"] == {
+        "metrics": "/_gateway/metrics" in rules,
+        "events": "/_gateway/services/<name>/instances/<instance>/events" in rules}
     gw.settings = dataclasses.replace(
         gw.settings, store="redis://:hunter2@10.0.0.1:6379/0")
     body = client.get("/_gateway/ui/overview")
