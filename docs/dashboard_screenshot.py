@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,9 +44,12 @@ def main() -> None:
                     requests.post(gateway.url + "/register_service", timeout=10,
                                   json={"name": name, "address": upstream.address,
                                         "metadata": {"zone": "a"}}).raise_for_status()
+            # users has a limit of its own, which the traffic below goes over
+            requests.put(gateway.url + "/_gateway/services/users/policy", timeout=10,
+                         json={"rate_limit": "10/second, burst=5"}).raise_for_status()
             auth = {"Authorization": f"Bearer {make_token('screenshot')}"}
             for name in layout:
-                gateway.wait_routable(f"/{name}/", auth)
+                gateway.wait_routable(f"/{name}/", auth, status=(200, 429))
             options = webdriver.ChromeOptions()
             options.binary_location = shutil.which("chromium") or "chromium"
             for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
@@ -54,11 +58,18 @@ def main() -> None:
             driver = webdriver.Chrome(options=options,
                                       service=Service(shutil.which("chromedriver")))
             driver.get(gateway.url + "/_gateway/ui")
-            session = requests.Session()
-            for _ in range(60):  # a little traffic, across two refreshes of the page
-                for name in ("orders", "users"):
-                    session.get(f"{gateway.url}/{name}/", headers=auth, timeout=10)
-                time.sleep(0.05)
+            stop = threading.Event()
+
+            def traffic() -> None:  # a little, all along, so the page has rates to show
+                session = requests.Session()
+                while not stop.is_set():
+                    for name in ("orders", "orders", "users"):
+                        session.get(f"{gateway.url}/{name}/", headers=auth, timeout=10)
+                    stop.wait(0.05)
+
+            sender = threading.Thread(target=traffic, daemon=True)
+            sender.start()
+            time.sleep(2.5)
             upstreams[-1].kill()  # billing's only upstream: refused, then ejected
 
             def billing_ejected() -> bool:
@@ -77,6 +88,8 @@ def main() -> None:
             driver.set_window_size(1280, max(700, min(int(height) + 160, 2200)))
             output.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(output))
+            stop.set()
+            sender.join(15)
             print(f"wrote {output}")
         finally:
             if driver is not None:
