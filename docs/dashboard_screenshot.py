@@ -27,6 +27,7 @@ from tests.support import READY_TIMEOUT, Gateway, wait_for  # noqa: E402
 def main() -> None:
     output = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "dashboard.png")
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
@@ -35,6 +36,7 @@ def main() -> None:
         gateway = Gateway(Path(data), GATEWAY_JWT_SECRET=SECRET, GATEWAY_NODE_ID="edge-1",
                           GATEWAY_EJECTION_SECONDS=600).start()
         driver = None
+        stop = threading.Event()
         try:
             layout = {"orders": 2, "users": 1, "billing": 1}
             for name, count in layout.items():
@@ -58,13 +60,15 @@ def main() -> None:
             driver = webdriver.Chrome(options=options,
                                       service=Service(shutil.which("chromedriver")))
             driver.get(gateway.url + "/_gateway/ui")
-            stop = threading.Event()
 
             def traffic() -> None:  # a little, all along, so the page has rates to show
                 session = requests.Session()
                 while not stop.is_set():
                     for name in ("orders", "orders", "users"):
-                        session.get(f"{gateway.url}/{name}/", headers=auth, timeout=10)
+                        try:
+                            session.get(f"{gateway.url}/{name}/", headers=auth, timeout=10)
+                        except requests.RequestException:  # the gateway is stopping
+                            return
                     stop.wait(0.05)
 
             sender = threading.Thread(target=traffic, daemon=True)
@@ -76,9 +80,12 @@ def main() -> None:
                 for _ in range(6):
                     requests.get(f"{gateway.url}/billing/", timeout=10,
                                  headers={**auth, "Connection": "close"})
-                state = driver.find_elements(
-                    By.CSS_SELECTOR, 'tr.service-detail[data-service="billing"] td.state')
-                return bool(state) and state[0].text == "ejected"
+                try:
+                    state = driver.find_elements(
+                        By.CSS_SELECTOR, 'tr.service-detail[data-service="billing"] td.state')
+                    return bool(state) and state[0].text == "ejected"
+                except StaleElementReferenceException:  # redrawn meanwhile
+                    return False
 
             wait_for(billing_ejected, READY_TIMEOUT, 0.5, "billing to show as ejected")
             driver.find_element(
@@ -88,10 +95,9 @@ def main() -> None:
             driver.set_window_size(1280, max(700, min(int(height) + 160, 2200)))
             output.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(output))
-            stop.set()
-            sender.join(15)
             print(f"wrote {output}")
         finally:
+            stop.set()
             if driver is not None:
                 driver.quit()
             gateway.stop()

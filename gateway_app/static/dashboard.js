@@ -566,6 +566,8 @@
     const refreshMs = Number(document.body.dataset.refreshMs) || 2000;
     const form = document.getElementById("token-form");
     const input = document.getElementById("token-input");
+    // From an admin network the page needs no token: the form is for everyone else.
+    form.hidden = document.body.dataset.locked !== "true" && !token();
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const value = input.value.trim();

@@ -134,6 +134,8 @@ def test_the_page_lists_a_registered_service_and_refreshes_on_its_own(
     wait_page(browser, lambda d: cells(d, "svc", "address") == [upstream.address],
               "the page to list svc and its instance")
     assert browser.title == "Gateway dashboard"
+    # From an admin network no token is needed, and the form for one is not shown.
+    assert not browser.find_element(By.ID, "token-form").is_displayed()
     node = overview(gateway)["node"]
     wait_page(browser, lambda d: d.find_element(By.ID, "node").text == f"node {node}",
               "the node's name")
@@ -220,6 +222,7 @@ def test_the_admin_token_form_keeps_the_token_for_the_tab(start_gateway, upstrea
     notice = browser.find_element(By.ID, "notice")
     wait_page(browser, lambda d: "admin token" in notice.text, "the page to ask for the token")
     assert cells(browser, "svc", "address") == []
+    assert browser.find_element(By.ID, "token-form").is_displayed()
 
     def use(token: str) -> None:
         browser.find_element(By.ID, "token-input").send_keys(token)
