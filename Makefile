@@ -42,7 +42,7 @@ test-unit: $(TSTAMP)
 check: lint test-unit
 
 lint: $(TSTAMP)
-	$(BIN)/ruff check gateway_app tests examples bench wsgi.py gunicorn.conf.py
+	$(BIN)/ruff check gateway_app tests examples bench docs wsgi.py gunicorn.conf.py
 	$(BIN)/mypy gateway_app
 
 demo: $(STAMP)

@@ -137,7 +137,9 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     env.update(overrides or {})
     settings = load_settings(env)
 
-    app = GatewayFlask(__name__)
+    # No app-wide static route: "/static/..." belongs to a service named "static". The
+    # dashboard serves its own files under /_gateway/static/ (see dashboard.py).
+    app = GatewayFlask(__name__, static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.url_map.merge_slashes = False  # "/svc//x" is forwarded as sent, not redirected
     app.url_map.strict_slashes = False
@@ -172,7 +174,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         raise RuntimeError("a gateway is already registered on this app")
     app.extensions["gateway"] = state
 
-    from . import admin, proxy
+    from . import admin, dashboard, proxy
 
     log_line = accesslog.line_writer(settings)
     audit.configure()
@@ -199,6 +201,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         return log_line(response)
 
     app.register_blueprint(admin.bp)
+    app.register_blueprint(dashboard.bp)
     app.register_blueprint(proxy.bp)
     register_error_handlers(app)
     return app

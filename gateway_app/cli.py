@@ -5,6 +5,7 @@
     gateway register NAME ADDRESS [--ttl SECONDS] [--weight N]
     gateway deregister NAME [ADDRESS]
     gateway services [--json]
+    gateway status [SERVICE ...] [--events N] [--json]
     gateway revoke ID
 
 ``token`` reads the same ``GATEWAY_*`` variables as the gateway (secret, algorithms, issuer,
@@ -20,12 +21,16 @@ import argparse
 import json
 import os
 import sys
+import time
+from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
 from .config import ConfigError, load_settings, read_or_create_registration_key
 from .errors import BadRequest
+from .health import EJECT_AFTER
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 RESERVED_CLAIMS = frozenset({"exp", "iat", "nbf", "sub", "iss", "aud"})
@@ -42,6 +47,16 @@ def _claim(text: str) -> tuple[str, str]:
     if key in RESERVED_CLAIMS:
         raise argparse.ArgumentTypeError(f"{key!r} is set by the command itself")
     return key, value
+
+
+def _event_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= 50:
+        raise argparse.ArgumentTypeError("must be from 0 to 50")
+    return value
 
 
 def cmd_token(args: argparse.Namespace) -> None:
@@ -76,6 +91,15 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 
 def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    status, body = _request(args, method, path, **kwargs)
+    if status >= 400:
+        raise CommandError(f"{status} {body.get('error')}: {body.get('message')}")
+    return body
+
+
+def _request(args: argparse.Namespace, method: str, path: str,
+             **kwargs: Any) -> tuple[int, Any]:
+    """The gateway's status and JSON answer (an error's, too)."""
     headers = kwargs.pop("headers", {})
     credential = os.environ.get("GATEWAY_ADMIN_TOKEN") \
         or os.environ.get("GATEWAY_REGISTRATION_TOKEN")
@@ -90,9 +114,9 @@ def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> An
         body = response.json()
     except ValueError:
         body = {"error": "unexpected_response", "message": response.text[:200]}
-    if response.status_code >= 400:
-        raise CommandError(f"{response.status_code} {body.get('error')}: {body.get('message')}")
-    return body
+    if not isinstance(body, dict):
+        body = {"error": "unexpected_response", "message": str(body)[:200]}
+    return response.status_code, body
 
 
 def cmd_register(args: argparse.Namespace) -> None:
@@ -115,7 +139,7 @@ def cmd_deregister(args: argparse.Namespace) -> None:
         print(f"deregistered {body['name']} instance {inst['id']} at {inst['address']}")
 
 
-def cmd_services(args: argparse.Namespace) -> None:
+def _all_services(args: argparse.Namespace) -> list[dict[str, Any]]:
     services: list[dict[str, Any]] = []
     cursor = None
     while True:  # every page of the listing
@@ -124,7 +148,11 @@ def cmd_services(args: argparse.Namespace) -> None:
         services += body["services"]
         cursor = body.get("next")
         if not cursor:
-            break
+            return services
+
+
+def cmd_services(args: argparse.Namespace) -> None:
+    services = _all_services(args)
     if args.json:
         print(json.dumps({"services": services}, indent=2))
         return
@@ -136,6 +164,161 @@ def cmd_services(args: argparse.Namespace) -> None:
             lease = f"expires {inst['expires_at']}" if inst["expires_at"] else "no lease"
             print(f"  {inst['id']}  {inst['address']}  weight={inst['weight']}  {inst['health']}"
                   f"  {lease}")
+
+
+#: Instances whose events ``gateway status`` reads, at most (one request each).
+MAX_STATUS_EVENT_READS = 500
+#: Characters of a cause shown in the table (the JSON output has them whole).
+MAX_CAUSE = 120
+
+
+def instance_state(inst: dict[str, Any]) -> str:
+    """healthy, ejected, draining, unhealthy or unknown: the listing's ``state`` where the
+    gateway gives one, else read from its other health fields."""
+    state = inst.get("state")
+    if isinstance(state, str) and state:
+        return state
+    if inst.get("health") == "draining":
+        return "draining"
+    if inst.get("ejected_until"):
+        return "ejected"
+    return str(inst.get("health") or "unknown")
+
+
+def instance_cause(inst: dict[str, Any], events: list[dict[str, Any]] | None) -> str:
+    """Why the instance is in its state: its last cause, its newest event, its failing
+    probe, or the passive-health rule that ejected it (as the dashboard says it)."""
+    for key in ("last_cause", "cause"):
+        value = inst.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("cause"), str):
+            return value["cause"]
+    if events:
+        return str(events[-1].get("cause") or "")
+    check = inst.get("last_check")
+    if isinstance(check, dict) and check.get("ok") is False:
+        what = f"HTTP {check['status']}" if "status" in check else check.get("error", "failed")
+        return f"probe: {what}"
+    if instance_state(inst) == "ejected":
+        return f"ejected after {EJECT_AFTER} failures in a row"
+    failures = inst.get("consecutive_failures")
+    return f"{failures} failures in a row" if failures else ""
+
+
+def _printable(value: Any, limit: int = 200) -> str:
+    """One line of plain text: what the gateway sent cannot move the terminal's cursor."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _remaining(when: Any, now: float) -> str:
+    """``4m59s`` until an RFC 3339 time, like kubectl's ages; ``-`` when none."""
+    if not when:
+        return "-"
+    try:
+        seconds = datetime.fromisoformat(str(when)).timestamp() - now
+    except ValueError:
+        return _printable(when, 40)
+    seconds = max(0, int(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60}m"
+    return f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _event_time(value: Any) -> str:
+    try:
+        return datetime.fromtimestamp(float(value)).astimezone().strftime("%H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return _printable(value, 30)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns as ``kubectl get`` prints them: upper-case heads, three spaces between, the
+    last one unpadded."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        lines.append("   ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _read_events(args: argparse.Namespace, services: list[dict[str, Any]]
+                 ) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Each instance's timeline, where the gateway keeps them: one request per instance,
+    and none once the gateway shows it has no such endpoint (or refuses it)."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    reads = 0
+    for service in services:
+        for inst in service["instances"]:
+            if reads >= MAX_STATUS_EVENT_READS:
+                return found
+            reads += 1
+            path = (f"/_gateway/services/{quote(service['name'], safe='')}/instances/"
+                    f"{quote(inst['id'], safe='')}/events")
+            status, body = _request(args, "GET", path)
+            if status == 200 and isinstance(body.get("events"), list):
+                found[(service["name"], inst["id"])] = body["events"]
+            elif status in (401, 403, 404, 405) and body.get("error") in (
+                    "not_found", "method_not_allowed", "forbidden", "unauthorized"):
+                return found  # no events API here, or not for this credential
+    return found
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    services = _all_services(args)
+    if args.service:
+        known = {s["name"] for s in services}
+        missing = [name for name in args.service if name not in known]
+        if missing:
+            raise CommandError(f"no service named {missing[0]!r}")
+        services = [s for s in services if s["name"] in args.service]
+    events = _read_events(args, services) if args.events else {}
+    if args.json:
+        for service in services:
+            for inst in service["instances"]:
+                key = (service["name"], inst["id"])
+                inst["state"] = instance_state(inst)
+                inst["cause"] = instance_cause(inst, events.get(key))
+                if key in events:
+                    inst["events"] = events[key][-args.events:]
+        print(json.dumps({"services": services}, indent=2))
+        return
+    if not services:
+        print("no services registered")
+        return
+    now = time.time()
+    rows = []
+    for service in services:
+        if not service["instances"]:
+            rows.append([_printable(service["name"]), "-", "-", "-", "-", "-", "-", "-"])
+        for inst in service["instances"]:
+            cause = instance_cause(inst, events.get((service["name"], inst["id"])))
+            rows.append([
+                _printable(service["name"]), _printable(inst["id"]),
+                _printable(inst["address"]), instance_state(inst),
+                _printable(inst.get("consecutive_failures", "-")),
+                _printable(inst.get("in_flight", "-")),
+                _remaining(inst.get("ejected_until"), now),
+                _printable(cause, MAX_CAUSE) or "-",
+            ])
+    print(_table(["SERVICE", "INSTANCE", "ADDRESS", "STATE", "FAILURES", "IN-FLIGHT",
+                  "EJECTED-FOR", "CAUSE"], rows))
+    recent = []
+    for (name, instance), timeline in events.items():
+        for event in timeline[-args.events:]:
+            where = _printable(event.get("node", "-"), 40)
+            if event.get("worker") is not None:
+                where += f"/{_printable(event['worker'], 12)}"
+            recent.append((float(event.get("time") or 0), [
+                _event_time(event.get("time")), _printable(name), _printable(instance), where,
+                _printable(event.get("cause", ""), MAX_CAUSE)]))
+    if recent:
+        recent.sort(key=lambda item: item[0])  # newest last, as kubectl get events
+        print()
+        print(_table(["TIME", "SERVICE", "INSTANCE", "NODE/WORKER", "CAUSE"],
+                     [row for _, row in recent]))
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -181,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     services = remote("services", "list services and their instances")
     services.add_argument("--json", action="store_true", help="print the raw JSON")
     services.set_defaults(func=cmd_services)
+
+    status = remote("status", "services, instances, health and recent causes, like kubectl get")
+    status.add_argument("service", nargs="*", help="only these services")
+    status.add_argument("--events", type=_event_count, default=3, metavar="N",
+                        help="recent events per instance, where the gateway keeps them "
+                             "(default 3; 0: do not read them)")
+    status.add_argument("--json", action="store_true", help="print JSON instead")
+    status.set_defaults(func=cmd_status)
 
     revoke = remote("revoke", "revoke a registration credential by its id (every worker and "
                               "node within a second)")
