@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, jsonify, render_template
 
 from . import admin
-from .clock import rfc3339
 from .errors import Unauthorized
 from .health import EJECT_AFTER
+from .timestamps import rfc3339
 
 bp = Blueprint("dashboard", __name__, template_folder="templates", static_folder="static",
                static_url_path="/_gateway/static")
