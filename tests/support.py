@@ -32,7 +32,7 @@ PORT_RANGE = range(20000, 32000)
 #: One byte per port, locked (fcntl, released when the process ends) by the test process that
 #: took the port: test processes running at once (pytest-xdist workers, other checkouts' runs)
 #: never hand out the same one.
-_PORT_LOCKS = Path(tempfile.gettempdir()) / "gateway-tests-ports.lock"
+_PORT_LOCKS = Path(tempfile.gettempdir()) / f"gateway-tests-ports-{os.getuid()}.lock"
 _port_state: dict = {}
 
 
