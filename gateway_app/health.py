@@ -117,11 +117,12 @@ class HealthTracker:
                 health.consecutive_failures = 0
                 health.ejections = 0
 
-    def failed(self, health: InstanceHealth, now: float, what: str) -> None:
+    def failed(self, health: InstanceHealth, now: float, what: str) -> bool:
+        """Count a failure; ``True`` when it ejected the instance."""
         with self._lock:
             health.consecutive_failures += 1
             if health.consecutive_failures < EJECT_AFTER or health.ejected_until > now:
-                return
+                return False
             base = self.ejection_seconds
             seconds = min(base * MAX_EJECTION_FACTOR, base * 2 ** health.ejections)
             health.ejections += 1
@@ -129,6 +130,7 @@ class HealthTracker:
             health.consecutive_failures = 0
         log.warning("instance ejected for %.0f s after %d failures in a row (%s)",
                     seconds, EJECT_AFTER, what)
+        return True
 
     def probed(self, health: InstanceHealth, ok: bool, detail: dict[str, Any],
                check: dict[str, Any], now: float) -> None:

@@ -39,6 +39,7 @@ from .forwarding import (
     GATEWAY_OWNED,
     HOP_BY_HOP,
     BodyReader,
+    UpstreamAborted,
     dropped_headers,
     open_body,
     read_upto,
@@ -112,6 +113,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
     handler: it costs nothing on the way of a good request.)"""
     gw = current_app.extensions["gateway"]
     view = g.view
+    gw.metrics.token_refused(exc.kind)
     headers = dict(exc.extra_headers)
     refusal: Decision | None = None
     failures = gw.settings.auth_failure_limit
@@ -126,6 +128,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
         if not decision.allowed:
             refusal = decision
     if refusal is not None:
+        gw.metrics.limited(view.service)
         headers.pop("WWW-Authenticate", None)  # not a challenge: come back later
         headers["Retry-After"] = str(refusal.retry_after)
         return error_response(429, RateLimited.error, "too many requests with a refused "
@@ -169,6 +172,7 @@ def _limit(gw: Any, view: RequestView) -> None:
     decision = _take(gw, view.policy, view.service, subject or view.client, limit)
     view.extra_headers = decision.headers()
     if not decision.allowed:
+        gw.metrics.limited(view.service)
         raise RateLimited(f"rate limit of {limit.limit} requests per "
                           f"{_PERIOD_NAMES[limit.period]} exceeded")
 
@@ -185,7 +189,8 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
     health = gw.registry.health
     policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
-        health.failed(instance.health, time.time(), f"status {upstream.status_code}")
+        if health.failed(instance.health, time.time(), f"status {upstream.status_code}"):
+            gw.metrics.ejected(instance.service)
     else:
         health.succeeded(instance.health, time.time())
     released = False
@@ -217,7 +222,7 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
                 # (Not passed through: werkzeug then runs the response's close callbacks.)
                 return PassthroughResponse([data], status=upstream.status_code,
                                            headers=response_headers)
-            body_iter = open_body(upstream)
+            body_iter = _count_aborts(open_body(upstream), gw.metrics, instance.service)
         # With direct_passthrough, werkzeug hands this iterable to the server as it is: its
         # close() (called by the server when done, or when the client went away) must release
         # the upstream.
@@ -227,8 +232,20 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
             headers=response_headers,
             direct_passthrough=True,
         )
-    except BaseException:
+    except BaseException as exc:
         finished()
+        if isinstance(exc, GatewayError) and exc.kind:  # the upstream failed mid-answer
+            gw.metrics.upstream_failed(instance.service, exc.kind)
+        raise
+
+
+def _count_aborts(body: Any, metrics: Any, service: str) -> Any:
+    """``body``, counting an upstream failure after the answer started (the connection is
+    then cut)."""
+    try:
+        yield from body
+    except UpstreamAborted as exc:
+        metrics.upstream_failed(service, exc.kind)
         raise
 
 
@@ -250,6 +267,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         whole = _client_side(view, lambda: body.buffer(REPLAYABLE_BODY_BYTES))
         if whole is not None:
             body, length = whole, str(len(whole))
+    if isinstance(body, bytes):
+        view.request_bytes = len(body)
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
     # One deadline for the whole exchange, retries included (time spent waiting for the
@@ -269,6 +288,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
                 raise failure
             raise NoHealthyInstance(f"service {service.name!r} has no instance that can take "
                                     "traffic")
+        if failure is not None:  # a retry, on another instance
+            gw.metrics.retried(service.name)
         headers = _upstream_headers(environ, view, instance, gw.pseudonym)
         if length is not None:
             headers["Content-Length"] = length
@@ -284,7 +305,10 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
-            health.failed(instance.health, time.time(), exc.error)
+            metrics = gw.metrics
+            metrics.upstream_failed(service.name, exc.kind)
+            if health.failed(instance.health, time.time(), exc.error):
+                metrics.ejected(service.name)
             unsent = exc.safe_to_retry and (not isinstance(body, BodyReader) or body.sent == 0)
             replayable = idempotent and not isinstance(body, BodyReader)
             if (len(tried) < MAX_RETRIES and (unsent or replayable)
@@ -300,6 +324,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             view.close_connection()
             raise
         view.upstream_ms = (time.perf_counter() - started) * 1000
+        if isinstance(body, BodyReader):
+            view.request_bytes = body.sent
         return upstream, instance
 
 
