@@ -11,23 +11,37 @@ import os
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 
-from gunicorn.util import is_ipv6, parse_address
+# The workers' metric files, in a directory of this gateway's own (prometheus_client's
+# multiprocess mode, chosen when it is imported: so before anything of the gateway is). Made
+# once per master: a reload (HUP) reads this file again and keeps it; an inherited one (from
+# another gateway, say) is not used. Under the temp dir, which is often memory: the files are
+# memory-mapped and written on every request. Removed when the master exits.
+if os.environ.get("_GATEWAY_METRICS_PID") != str(os.getpid()) \
+        or not os.path.isdir(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["_GATEWAY_METRICS_PID"] = str(os.getpid())
+_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
-from gateway_app.config import (
+from gunicorn.util import is_ipv6, parse_address  # noqa: E402
+
+from gateway_app import metrics  # noqa: E402
+from gateway_app.config import (  # noqa: E402
     ConfigError,
     load_settings,
     read_or_create_registration_key,
     read_or_create_secret,
 )
-from gateway_app.jwks import check_provider
-from gateway_app.ratelimit import SharedBuckets
-from gateway_app.stores import StoreError
-from gateway_app.stores import sqlite as sqlite_store
-from gateway_app.workers import FREE, ConnectionBoard
+from gateway_app.jwks import check_provider  # noqa: E402
+from gateway_app.ratelimit import SharedBuckets  # noqa: E402
+from gateway_app.stores import StoreError  # noqa: E402
+from gateway_app.stores import sqlite as sqlite_store  # noqa: E402
+from gateway_app.workers import FREE, ConnectionBoard  # noqa: E402
 
 # One name for this gateway in the Via header it adds, shared by all its workers (they inherit
 # the environment), so a request that comes back to any of them is seen as a loop.
@@ -205,9 +219,24 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
-    """A worker that died (or was stopped) no longer counts in the others' shares."""
+    """A worker that died (or was stopped) no longer counts in the others' shares, and its
+    metric files are folded into the archive (their sums kept, the files gone: otherwise every
+    replaced worker leaves files that every scrape reads)."""
     if getattr(worker, "gateway_slot", None) is not None:
         worker.gateway_board.counts[worker.gateway_slot] = FREE
+    pid = getattr(worker, "pid", None)
+    if pid is None:
+        return
+    try:
+        metrics.retire_worker(_METRICS_DIR, pid)
+    except OSError as exc:
+        server.log.warning("gateway: could not archive the metrics of worker %d: %s", pid, exc)
+
+
+def on_exit(server):
+    """The metric files go with the gateway."""
+    if os.environ.get("_GATEWAY_METRICS_PID") == str(os.getpid()):
+        shutil.rmtree(_METRICS_DIR, ignore_errors=True)
 
 
 def _gateway_state(worker):
