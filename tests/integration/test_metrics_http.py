@@ -102,6 +102,7 @@ def test_upstream_failures_are_counted_by_kind(start_gateway, upstream, auth):
         register(gateway, "resets", reset.address)
         register(gateway, "garbles", garbage.address)
         register(gateway, "slow", upstream.address)
+        register(gateway, "cut", upstream.address)
         response = requests.put(gateway.url + "/_gateway/services/slow/policy",
                                 json={"read_timeout": 0.3}, timeout=5)
         assert response.status_code == 201
@@ -109,6 +110,14 @@ def test_upstream_failures_are_counted_by_kind(start_gateway, upstream, auth):
         gateway.wait_routable("/resets/", auth, 502)
         gateway.wait_routable("/garbles/", auth, 502)
         gateway.wait_routable("/slow/slow/2", auth, 504)
+        # cut short: before the answer starts (a small body, read whole first: 502), and
+        # after it started (a large one, streamed: the client's connection is cut)
+        gateway.wait_routable("/cut/truncate-small", auth, 502)
+        for _ in range(4):
+            try:
+                gateway.fresh_get("/cut/truncate", auth)  # (reads the body: raises)
+            except requests.RequestException:
+                pass
         samples = scrape(gateway)
     assert set(labelled(samples, "gateway_upstream_errors_total", "kind")) == {
         "refused", "reset", "protocol", "timeout"}
@@ -116,6 +125,10 @@ def test_upstream_failures_are_counted_by_kind(start_gateway, upstream, auth):
                           ("garbles", "protocol"), ("slow", "timeout")):
         assert value(samples, "gateway_upstream_errors_total", service=service,
                      kind=kind) >= 1, (service, kind)
+    # 8 502s in a row for the small body, and the 4 cut after the answer started
+    assert value(samples, "gateway_upstream_errors_total", service="cut", kind="reset") >= 12
+    assert value(samples, "gateway_requests_total", service="cut", method="GET",
+                 code="200") == 4
     assert value(samples, "gateway_requests_total", service="closed", method="GET",
                  code="502") >= 1
 
