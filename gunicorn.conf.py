@@ -7,6 +7,7 @@ master, before any worker forks, so a bad value stops the start with a message n
 import collections
 import errno
 import gc
+import glob
 import os
 import re
 import resource
@@ -17,16 +18,47 @@ import socket
 import sys
 import tempfile
 
-# The workers' metric files, in a directory of this gateway's own (prometheus_client's
-# multiprocess mode, chosen when it is imported: so before anything of the gateway is). Made
-# once per master: a reload (HUP) reads this file again and keeps it; an inherited one (from
-# another gateway, say) is not used. Under the temp dir, which is often memory: the files are
-# memory-mapped and written on every request. Removed when the master exits.
-if os.environ.get("_GATEWAY_METRICS_PID") != str(os.getpid()) \
-        or not os.path.isdir(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+
+def _metrics_dir() -> str:
+    """The directory of the workers' metric files (prometheus_client's multiprocess mode, which
+    it chooses when it is imported: so this runs before anything of the gateway is imported).
+
+    One per master, ``<data dir>/metrics-<master pid>-*``: a reload (HUP) reads this file again
+    and keeps it; one inherited from another gateway is not used. Not under the temp dir, whose
+    cleaners remove files that look old, and these are written only through their mappings.
+    Removed when the master exits; those of masters that died without exiting are removed
+    here."""
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.environ.get("_GATEWAY_METRICS_PID") == str(os.getpid()) and os.path.isdir(current):
+        return current
+    data_dir = os.path.abspath((os.environ.get("GATEWAY_DATA_DIR") or "").strip() or "var")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(data_dir, "metrics-*-*")):
+            pid = os.path.basename(stale).split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=data_dir)
+    except OSError as exc:
+        sys.stderr.write(f"gateway: configuration error: GATEWAY_DATA_DIR: cannot make the "
+                         f"metrics directory in {data_dir}: {exc.strerror}\n")
+        sys.exit(2)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.environ["_GATEWAY_METRICS_PID"] = str(os.getpid())
-_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_METRICS_DIR = _metrics_dir()
 
 from gunicorn.util import is_ipv6, parse_address  # noqa: E402
 

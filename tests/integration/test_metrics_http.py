@@ -8,7 +8,6 @@ import glob
 import os
 import signal
 import statistics
-import tempfile
 import time
 
 import requests
@@ -42,7 +41,7 @@ def metrics_dir(gateway) -> str:
     """The gateway's metric files: the directory holding its workers' in-flight gauges."""
     def find():
         pids = gateway.worker_pids()
-        for directory in glob.glob(os.path.join(tempfile.gettempdir(), "gateway-metrics-*")):
+        for directory in glob.glob(os.path.join(gateway.data_dir, "metrics-*")):
             if any(os.path.exists(os.path.join(directory, f"gauge_livesum_{pid}.db"))
                    for pid in pids):
                 return directory
@@ -202,3 +201,16 @@ def test_fifty_worker_restarts_keep_the_sums_and_leave_the_scrape_fast(start_gat
         timings.append(time.perf_counter() - started)
     assert statistics.median(timings) < 0.1, timings
     assert len(samples) >= 50
+
+    gateway.stop()  # and the files go with the gateway
+    assert not os.path.exists(directory)
+
+
+def test_metric_files_left_by_a_killed_gateway_go_at_the_next_start(start_gateway, tmp_path):
+    first = start_gateway(data_dir=tmp_path / "shared")
+    left = metrics_dir(first)
+    first.kill9()  # no exit hook runs
+    assert os.path.isdir(left)
+    second = start_gateway(data_dir=tmp_path / "shared")
+    assert metrics_dir(second) != left
+    assert not os.path.exists(left)
