@@ -276,3 +276,31 @@ def test_an_unreadable_file_of_a_dead_worker_is_dropped_not_kept(tmp_path):
     (tmp_path / "counter_77.db").write_bytes(b"\xff\xff\x00\x00" + b"\x00" * 60)
     retire_worker(str(tmp_path), 77)
     assert worker_files(tmp_path) == []
+
+
+def test_store_up_follows_the_watchers_last_call():
+    from gateway_app.metrics import Metrics
+    from gateway_app.registry import Registry
+    from tests.unit.test_registry import FlakyStore
+
+    store = FlakyStore()
+    registry = Registry(store, refresh_interval=60)  # the test steps the watcher itself
+    try:
+        metrics = Metrics(registry)
+
+        def store_up() -> float:
+            body, _ = metrics.render(None)
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(body.decode())
+                       for s in family.samples}
+            return value(samples, "gateway_store_up")
+
+        assert store_up() == 1
+        store.down = True
+        registry.watch_step()
+        assert store_up() == 0
+        store.down = False
+        registry.watch_step()
+        assert store_up() == 1
+    finally:
+        registry.close()
