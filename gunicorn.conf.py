@@ -7,27 +7,73 @@ master, before any worker forks, so a bad value stops the start with a message n
 import collections
 import errno
 import gc
+import glob
 import os
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 
-from gunicorn.util import is_ipv6, parse_address
 
-from gateway_app.config import (
+def _metrics_dir() -> str:
+    """The directory of the workers' metric files (prometheus_client's multiprocess mode, which
+    it chooses when it is imported: so this runs before anything of the gateway is imported).
+
+    One per master, ``<data dir>/metrics-<master pid>-*``: a reload (HUP) reads this file again
+    and keeps it; one inherited from another gateway is not used. Not under the temp dir, whose
+    cleaners remove files that look old, and these are written only through their mappings.
+    Removed when the master exits; those of masters that died without exiting are removed
+    here."""
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.environ.get("_GATEWAY_METRICS_PID") == str(os.getpid()) and os.path.isdir(current):
+        return current
+    data_dir = os.path.abspath((os.environ.get("GATEWAY_DATA_DIR") or "").strip() or "var")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(data_dir, "metrics-*-*")):
+            pid = os.path.basename(stale).split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        directory = tempfile.mkdtemp(prefix=f"metrics-{os.getpid()}-", dir=data_dir)
+    except OSError as exc:
+        sys.stderr.write(f"gateway: configuration error: GATEWAY_DATA_DIR: cannot make the "
+                         f"metrics directory in {data_dir}: {exc.strerror}\n")
+        sys.exit(2)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    os.environ["_GATEWAY_METRICS_PID"] = str(os.getpid())
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_METRICS_DIR = _metrics_dir()
+
+from gunicorn.util import is_ipv6, parse_address  # noqa: E402
+
+from gateway_app import metrics  # noqa: E402
+from gateway_app.config import (  # noqa: E402
     ConfigError,
     load_settings,
     read_or_create_registration_key,
     read_or_create_secret,
 )
-from gateway_app.jwks import check_provider
-from gateway_app.ratelimit import SharedBuckets
-from gateway_app.stores import StoreError, healthboard
-from gateway_app.stores import sqlite as sqlite_store
-from gateway_app.worker_balance import FREE, ConnectionBoard
+from gateway_app.jwks import check_provider  # noqa: E402
+from gateway_app.ratelimit import SharedBuckets  # noqa: E402
+from gateway_app.stores import StoreError, healthboard  # noqa: E402
+from gateway_app.stores import sqlite as sqlite_store  # noqa: E402
+from gateway_app.worker_balance import FREE, ConnectionBoard  # noqa: E402
 
 # One name for this gateway in the Via header it adds, shared by all its workers (they inherit
 # the environment), so a request that comes back to any of them is seen as a loop.
@@ -206,9 +252,24 @@ def post_fork(server, worker):
 
 
 def child_exit(server, worker):
-    """A worker that died (or was stopped) no longer counts in the others' shares."""
+    """A worker that died (or was stopped) no longer counts in the others' shares, and its
+    metric files are folded into the archive (their sums kept, the files gone: otherwise every
+    replaced worker leaves files that every scrape reads)."""
     if getattr(worker, "gateway_slot", None) is not None:
         worker.gateway_board.counts[worker.gateway_slot] = FREE
+    pid = getattr(worker, "pid", None)
+    if pid is None:
+        return
+    try:
+        metrics.retire_worker(_METRICS_DIR, pid)
+    except OSError as exc:
+        server.log.warning("gateway: could not archive the metrics of worker %d: %s", pid, exc)
+
+
+def on_exit(server):
+    """The metric files go with the gateway."""
+    if os.environ.get("_GATEWAY_METRICS_PID") == str(os.getpid()):
+        shutil.rmtree(_METRICS_DIR, ignore_errors=True)
 
 
 def _gateway_state(worker):

@@ -6,6 +6,7 @@ token verifier, forwarder), then the blueprints and the JSON error handlers.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import warnings
@@ -30,6 +31,7 @@ from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
 from .health import ActiveChecker, HealthTracker
 from .jwks import ProviderError, ProviderKeys
+from .metrics import Metrics
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget
@@ -60,6 +62,8 @@ class GatewayState:
     pseudonym: str
     #: Mints and verifies registration credentials (scoped to services).
     credentials: RegistrationCredentials
+    #: The Prometheus metrics (this worker records; a scrape reads every worker's).
+    metrics: Metrics
     #: Set when this worker begins to stop (SIGTERM, or its exit): ``/_gateway/ready`` then
     #: answers 503, before anything is closed.
     stopping: bool = False
@@ -131,6 +135,13 @@ def build_limiter(settings: Settings) -> Limiter:
     return SharedBuckets(settings.data_dir / "ratelimit.buckets")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     """Build a gateway from ``GATEWAY_*`` environment variables, then ``overrides``."""
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
@@ -168,6 +179,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         checker=ActiveChecker(registry.snapshot, health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
         credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
+        metrics=Metrics(registry, _version()),
     )
     state.checker.start()
     if "gateway" in app.extensions:
@@ -176,7 +188,9 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
 
     from . import admin, dashboard, proxy
 
-    log_line = accesslog.line_writer(settings)
+    metrics = state.metrics
+    started = metrics.started
+    log_line = accesslog.line_writer(settings, metrics.finished)
     audit.configure()
 
     # The request's one view is made at the edge, before Flask routes (see front.py).
@@ -186,6 +200,7 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
     # One hook each way (Flask checks every hook function for being a coroutine, per request).
     @app.before_request
     def start_request() -> None:
+        started()  # in flight until its response closes (the access log's callback)
         view = request.environ["gateway.view"]
         g.view = view
         if view.error is not None:  # refused at the edge: before routing, token or anything

@@ -173,35 +173,49 @@ def emit(record: dict[str, Any], log_format: str) -> None:
                f'{f["total_ms"]} {upstream_ms} {f["trace_id"] or "-"}')
 
 
-def line_writer(settings: Settings) -> Callable[[Response], Response]:
+def _ignore(view: Any, status: int, sent: int) -> None:
+    pass
+
+
+def line_writer(settings: Settings, observe: Callable[[Any, int, int], None] | None = None
+                ) -> Callable[[Response], Response]:
     """A function that arranges for a response's access line to be written when it closes
-    (call it from an ``after_request`` hook; ``g.view`` is the request's view)."""
+    (call it from an ``after_request`` hook; ``g.view`` is the request's view). ``observe``
+    (the metrics') is called then too, with the view, the status and the body bytes sent."""
     configure()
     log_format = settings.log_format
+    notify = observe or _ignore
 
     def log_when_closed(response: Response) -> Response:
         view = g.view  # the request's one view, as every step saw it
+        status = response.status_code
         record = {
             "start": view.start, "request_id": view.request_id, "client": view.client,
             "method": view.method, "path": view.path,
             "service": view.service if view.policy is not None else None,
             "instance": getattr(view.instance, "id", None),
-            "status": response.status_code, "upstream_ms": view.upstream_ms,
+            "status": status, "upstream_ms": view.upstream_ms,
             "trace_id": view.trace_id,
         }
         if response.is_streamed:
             # A streamed body is handed to the server as it is (direct passthrough): the line
             # is written when the server closes it, with the bytes that really went out.
             def streamed_line() -> None:
-                record["bytes"] = counter.sent
+                record["bytes"] = sent = counter.sent
+                notify(view, status, sent)
                 emit(record, log_format)
 
             counter = CountingIterator(response.response, streamed_line)
             response.response = counter
         else:
             # The length is known now; the callback must not refer to the response (a cycle).
-            record["bytes"] = response.content_length or 0
-            response.call_on_close(lambda: emit(record, log_format))
+            record["bytes"] = sent = response.content_length or 0
+
+            def line() -> None:
+                notify(view, status, sent)
+                emit(record, log_format)
+
+            response.call_on_close(line)
         return response
 
     return log_when_closed

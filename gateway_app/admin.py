@@ -1,8 +1,8 @@
 """The registry API blueprint: the seed's ``/register_service`` and ``/deregister_service``,
 and the REST forms under ``/_gateway/``.
 
-Every route but ``/_gateway/health`` and ``/_gateway/ready`` is for operators and services
-only: the caller's address
+Every route but ``/_gateway/health`` and ``/_gateway/ready`` (``/_gateway/metrics`` included)
+is for operators and services only: the caller's address
 must be in ``GATEWAY_ADMIN_ALLOW``, or it must present ``GATEWAY_ADMIN_TOKEN`` as a bearer
 token, or a registration credential (:mod:`gateway_app.credentials`): that one allows
 registering, renewing, draining, removing and reading instances of the services it names, from
@@ -122,6 +122,7 @@ def authorise() -> None:
         # A wrong credential counts against the address, as a refused token does.
         decision = gw.limiter.take(refused_credential_key(view.client), settings.auth_failure_limit)
         if not decision.allowed:
+            gw.metrics.limited(view.service)
             raise RateLimited("too many requests with a refused credential from this address",
                               headers={"Retry-After": str(decision.retry_after)})
     raise Unauthorized("the registry needs an allowed network, the admin token or a "
@@ -278,6 +279,14 @@ def ready() -> tuple[Response, int]:
     if reason is None:
         return jsonify(status="ready"), 200
     return jsonify(status="not_ready", reason=reason), 503
+
+
+@bp.get("/_gateway/metrics")
+def metrics() -> Response:
+    """Every worker's metrics in Prometheus text format (OpenMetrics when asked for)."""
+    body, content_type = current_app.extensions["gateway"].metrics.render(
+        request.headers.get("Accept"))
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/_gateway/services")

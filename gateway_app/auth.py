@@ -49,11 +49,31 @@ _SUBJECT_RE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]{0,254}[\x21-\x7e])?$")
 
 
 class InvalidToken(Exception):
-    """The token was present but does not verify; the message says why (never the token)."""
+    """The token was present but does not verify; the message says why (never the token),
+    ``reason`` in a word, for the metrics (one of :data:`gateway_app.metrics.TOKEN_REASONS`)."""
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _BadSignature(InvalidToken):
     """The signature does not verify with the key tried (another key may be tried)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "bad_signature")
+
+
+#: PyJWT's refusals by the reason they are counted under (the first match wins).
+_JWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidIssuerError, "bad_issuer"),
+    (jwt.InvalidAudienceError, "bad_audience"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.DecodeError, "malformed"),
+    (jwt.InvalidTokenError, "bad_claim"),
+)
 
 
 def _entry_cost(token: str) -> int:
@@ -139,23 +159,23 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
-            raise InvalidToken("token too long")
+            raise InvalidToken("token too long", "too_long")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise InvalidToken("malformed token") from None
+            raise InvalidToken("malformed token", "malformed") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._allowed:
-            raise InvalidToken("token algorithm not allowed")
+            raise InvalidToken("token algorithm not allowed", "algorithm")
         static = self._keys.get(alg)
         provider = self.provider
         if provider is None or alg in HMAC_ALGORITHMS:
             if static is None:
-                raise InvalidToken("token algorithm not allowed")
+                raise InvalidToken("token algorithm not allowed", "algorithm")
             return self._verify(token, static, alg, self.issuer)
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
-            raise InvalidToken("malformed token: kid must be a string")
+            raise InvalidToken("malformed token: kid must be a string", "malformed")
         key = provider.get(kid, alg)
         if key is None and static is not None:
             # The PEM key, for a token the provider's current keys do not name; when it does
@@ -169,9 +189,10 @@ class TokenVerifier:
             key = provider.get_or_fetch(kid, alg)
         if key is None:
             if provider.unavailable_reason() is not None:
-                raise InvalidToken("the identity provider's keys are not available")
+                raise InvalidToken("the identity provider's keys are not available",
+                                   "keys_unavailable")
             raise InvalidToken("no signing key for this token (kid and alg)"
-                               if kid is not None else "token has no kid")
+                               if kid is not None else "token has no kid", "unknown_kid")
         return self._verify(token, key, alg, self.provider_issuer)
 
     def _verify(self, token: str, key: Any, alg: str, issuer: str | None) -> dict[str, Any]:
@@ -184,17 +205,19 @@ class TokenVerifier:
         except jwt.InvalidSignatureError:
             raise _BadSignature("Signature verification failed") from None
         except jwt.PyJWTError as exc:
-            raise InvalidToken(str(exc) or type(exc).__name__) from None
+            reason = next((r for t, r in _JWT_REASONS if isinstance(exc, t)), "other")
+            raise InvalidToken(str(exc) or type(exc).__name__, reason) from None
         for name in _TIME_CLAIMS:
             value = claims.get(name)
             if value is None and name != "exp":
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) \
                     or not -MAX_NUMERIC_DATE <= value <= MAX_NUMERIC_DATE:  # NaN fails too
-                raise InvalidToken(f"{name} must be a number of seconds before the year 10000")
+                raise InvalidToken(f"{name} must be a number of seconds before the year 10000",
+                                   "bad_claim")
         sub = claims.get("sub")
         if sub is not None and (not isinstance(sub, str) or not _SUBJECT_RE.match(sub)):
-            raise InvalidToken("sub must be 1 to 256 printable ASCII characters")
+            raise InvalidToken("sub must be 1 to 256 printable ASCII characters", "bad_claim")
         return claims
 
     def _remember(self, token: str, claims: dict[str, Any], generation: int) -> None:
@@ -283,14 +306,18 @@ def check_request() -> dict[str, Any]:
     """Verify the current request's token; claims, or :class:`Unauthorized`."""
     token = token_from_header(request.environ.get("HTTP_AUTHORIZATION"))
     if token is None:
-        raise Unauthorized("a bearer token is required",
-                           headers={"WWW-Authenticate": NO_TOKEN_CHALLENGE})
+        missing = Unauthorized("a bearer token is required",
+                               headers={"WWW-Authenticate": NO_TOKEN_CHALLENGE})
+        missing.kind = "missing"
+        raise missing
     verifier: TokenVerifier = current_app.extensions["gateway"].verifier
     try:
         return verifier.verify(token)
     except InvalidToken as exc:
-        raise Unauthorized(f"invalid token: {exc}",
-                           headers={"WWW-Authenticate": INVALID_TOKEN_CHALLENGE}) from None
+        refused = Unauthorized(f"invalid token: {exc}",
+                               headers={"WWW-Authenticate": INVALID_TOKEN_CHALLENGE})
+        refused.kind = exc.reason
+        raise refused from None
 
 
 def require_jwt(view: Callable[..., Any]) -> Callable[..., Any]:

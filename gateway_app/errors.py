@@ -24,7 +24,8 @@ class GatewayError(HTTPException):
     #: ``ConnectTimeout`` is "safe to retry" in the same sense).
     safe_to_retry = False
     #: For upstream failures: what went wrong, in a word ("connect_refused", "timeout",
-    #: "protocol"...), for logs and health checks.
+    #: "protocol"...), for logs, health checks and metrics; for a refused token, why
+    #: ("missing", "expired"... see :class:`gateway_app.auth.InvalidToken`).
     kind = ""
 
     def __init__(self, message: str | None = None, headers: dict[str, str] | None = None):

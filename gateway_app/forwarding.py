@@ -141,7 +141,12 @@ class BodyReader:
 
 
 class UpstreamAborted(Exception):
-    """The upstream failed after the response headers went out: the connection is cut."""
+    """The upstream failed after the response headers went out: the connection is cut.
+    ``kind`` is the failure's, as :func:`upstream_error` names it."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 #: Headers urllib3 and http.client add of their own when a request has none (their
@@ -332,7 +337,7 @@ def stream_body(upstream: UpstreamResponse, chunks: Iterator[bytes] | None = Non
                     else upstream.raw.stream(CHUNK_SIZE, decode_content=False))
     except TRANSPORT_ERRORS as exc:
         error = upstream_error(exc, upstream.request.instance, mid_body=True)
-        raise UpstreamAborted(error.description) from None
+        raise UpstreamAborted(error.description or "", error.kind) from None
 
 
 def release(upstream: UpstreamResponse) -> None:

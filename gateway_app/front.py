@@ -103,7 +103,7 @@ class RequestView:
         "peer", "client", "relayed", "scheme", "host", "forwarded_for", "via", "error",
         "trace_id", "trace_flags", "tracestate",
         "policy", "public", "claims", "instance", "upstream_ms", "extra_headers",
-        "_start_response",
+        "request_bytes", "_start_response",
     )
 
     #: perf_counter() when the request reached the gateway.
@@ -142,6 +142,8 @@ class RequestView:
     claims: dict[str, Any] | None
     instance: Any
     upstream_ms: float | None
+    #: Bytes of the request's body sent upstream (for the metrics).
+    request_bytes: int
     #: Headers added to the response (the rate limit's).
     extra_headers: dict[str, str] | None
     _start_response: Callable[..., Any]
@@ -206,6 +208,7 @@ class FrontDoor:
         view.policy = None
         view.public = False
         view.claims = view.instance = view.upstream_ms = view.extra_headers = None
+        view.request_bytes = 0
 
         peer = environ.get("REMOTE_ADDR") or ""
         view.peer = peer

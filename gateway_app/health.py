@@ -213,10 +213,11 @@ class HealthTracker:
                     "updated": now}, event, None
         self._transition(health, change)
 
-    def failed(self, health: InstanceHealth, now: float, cause: str) -> None:
-        """A request to the instance failed (``cause``: what happened, in a few words)."""
+    def failed(self, health: InstanceHealth, now: float, cause: str) -> bool:
+        """A request to the instance failed (``cause``: what happened, in a few words);
+        ``True`` when this failure ejected it."""
         if health.ejected_until > now:
-            return  # ejected already (panic routing): nothing more to count
+            return False  # ejected already (panic routing): nothing more to count
         base = self.ejection_seconds
 
         def change(state: dict[str, Any]) -> tuple[Any, Any, float | None]:
@@ -235,6 +236,7 @@ class HealthTracker:
         if seconds is not None:
             log.warning("instance %s ejected for %.0f s after %d failures in a row (%s)",
                         health.key, seconds, EJECT_AFTER, cause)
+        return seconds is not None
 
     def probed(self, health: InstanceHealth, ok: bool, detail: dict[str, Any],
                check: Mapping[str, Any], now: float) -> None:

@@ -33,7 +33,7 @@ from .errors import (
     Unauthorized,
     error_response,
 )
-from .forwarding import CHUNK_SIZE, BodyReader, open_body, read_upto, release
+from .forwarding import CHUNK_SIZE, BodyReader, UpstreamAborted, open_body, read_upto, release
 from .front import RequestView, traceparent, via_header
 from .headers import GATEWAY_OWNED, HOP_BY_HOP, dropped_headers
 from .health import FAILURE_STATUSES, failure_cause
@@ -103,6 +103,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
     handler: it costs nothing on the way of a good request.)"""
     gw = current_app.extensions["gateway"]
     view = g.view
+    gw.metrics.token_refused(exc.kind)
     headers = dict(exc.extra_headers)
     refusal: Decision | None = None
     failures = gw.settings.auth_failure_limit
@@ -117,6 +118,7 @@ def count_refused_token(exc: Unauthorized) -> Response:
         if not decision.allowed:
             refusal = decision
     if refusal is not None:
+        gw.metrics.limited(view.service)
         headers.pop("WWW-Authenticate", None)  # not a challenge: come back later
         headers["Retry-After"] = str(refusal.retry_after)
         return error_response(429, RateLimited.error, "too many requests with a refused "
@@ -160,6 +162,7 @@ def _limit(gw: Any, view: RequestView) -> None:
     decision = _take(gw, view.policy, view.service, subject or view.client, limit)
     view.extra_headers = decision.headers()
     if not decision.allowed:
+        gw.metrics.limited(view.service)
         raise RateLimited(f"rate limit of {limit.limit} requests per "
                           f"{limit.period_name} exceeded")
 
@@ -176,7 +179,8 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
     health = gw.health
     policy: Policy = view.policy
     if upstream.status_code in FAILURE_STATUSES:
-        health.failed(instance.health, time.time(), f"HTTP {upstream.status_code}")
+        if health.failed(instance.health, time.time(), f"HTTP {upstream.status_code}"):
+            gw.metrics.ejected(instance.service)
     else:
         health.succeeded(instance.health, time.time())
     released = False
@@ -208,7 +212,7 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
                 # (Not passed through: werkzeug then runs the response's close callbacks.)
                 return PassthroughResponse([data], status=upstream.status_code,
                                            headers=response_headers)
-            body_iter = open_body(upstream)
+            body_iter = _count_aborts(open_body(upstream), gw.metrics, instance.service)
         # With direct_passthrough, werkzeug hands this iterable to the server as it is: its
         # close() (called by the server when done, or when the client went away) must release
         # the upstream.
@@ -218,8 +222,20 @@ def _respond(gw: Any, view: RequestView, upstream: Any, instance: Instance) -> R
             headers=response_headers,
             direct_passthrough=True,
         )
-    except BaseException:
+    except BaseException as exc:
         finished()
+        if isinstance(exc, GatewayError) and exc.kind:  # the upstream failed mid-answer
+            gw.metrics.upstream_failed(instance.service, exc.kind)
+        raise
+
+
+def _count_aborts(body: Any, metrics: Any, service: str) -> Any:
+    """``body``, counting an upstream failure after the answer started (the connection is
+    then cut)."""
+    try:
+        yield from body
+    except UpstreamAborted as exc:
+        metrics.upstream_failed(service, exc.kind)
         raise
 
 
@@ -241,6 +257,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
         whole = _client_side(view, lambda: body.buffer(REPLAYABLE_BODY_BYTES))
         if whole is not None:
             body, length = whole, str(len(whole))
+    if isinstance(body, bytes):
+        view.request_bytes = len(body)
     connect_timeout = policy.connect_timeout or settings.connect_timeout
     read_timeout = policy.read_timeout or settings.read_timeout
     # One deadline for the whole exchange, retries included (time spent waiting for the
@@ -260,6 +278,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
                 raise failure
             raise NoHealthyInstance(f"service {service.name!r} has no instance that can take "
                                     "traffic")
+        if failure is not None:  # a retry, on another instance
+            gw.metrics.retried(service.name)
         headers = _upstream_headers(environ, view, instance, gw.pseudonym)
         if length is not None:
             headers["Content-Length"] = length
@@ -275,7 +295,10 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             )
         except (BadGateway, GatewayTimeout) as exc:
             health.finished(instance.health)
-            health.failed(instance.health, time.time(), failure_cause(exc))
+            metrics = gw.metrics
+            metrics.upstream_failed(service.name, exc.kind)
+            if health.failed(instance.health, time.time(), failure_cause(exc)):
+                metrics.ejected(service.name)
             streamed = body.sent if isinstance(body, BodyReader) else None
             if may_retry(exc.safe_to_retry, idempotent, streamed, len(tried),
                          deadline.remaining(), gw.retries):
@@ -290,6 +313,8 @@ def _send_with_retries(gw: Any, view: RequestView, service: Service,
             view.close_connection()
             raise
         view.upstream_ms = (time.perf_counter() - started) * 1000
+        if isinstance(body, BodyReader):
+            view.request_bytes = body.sent
         return upstream, instance
 
 

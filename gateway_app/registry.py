@@ -102,6 +102,10 @@ class Registry:
         reason = "the registry has not been loaded from its store yet"
         return f"{reason} ({self._last_error})" if self._last_error else reason
 
+    def store_answers(self) -> bool:
+        """The store answered the watcher's last call (for the ``gateway_store_up`` metric)."""
+        return self._down_since is None and self._snapshot.loaded
+
     def snapshot(self) -> Snapshot:
         """The current snapshot: a read of one reference, no lock, no I/O, except on the
         first call in a forked process, which starts its watcher and first catches up with

@@ -68,6 +68,9 @@ def test_gunicorn_hooks_give_each_worker_a_slot_and_free_it_when_it_exits(monkey
     monkeypatch.setenv("GATEWAY_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("GATEWAY_WORKERS", "2")
     monkeypatch.setenv("GATEWAY_CPU_AFFINITY", "off")
+    # (the file makes a metrics directory and sets these for the workers: undone after)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")
+    monkeypatch.setenv("_GATEWAY_METRICS_PID", "")
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert conf["worker_class"] == "gateway_app.workers.BalancedThreadWorker"
     warnings: list[str] = []
@@ -99,6 +102,8 @@ def test_gunicorn_hooks_give_each_worker_a_slot_and_free_it_when_it_exits(monkey
         conf["pre_fork"](server, worker)
         server.WORKERS[pid] = worker
     assert worker.gateway_slot is None and "without connection balancing" in warnings[0]
+    conf["on_exit"](server)
+    assert not os.path.exists(conf["_METRICS_DIR"])
 
 
 class Request:
