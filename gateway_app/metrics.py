@@ -42,6 +42,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 if TYPE_CHECKING:
     from .registry import Registry
+    from .snapshot import Instance
 
 log = logging.getLogger("gateway.metrics")
 
@@ -276,10 +277,10 @@ class StateCollector:
         yield from (services, instances, healthy, store, build)
 
 
-def _takes_traffic(instance: Any, now: float) -> bool:
+def _takes_traffic(instance: Instance, now: float) -> bool:
     health = instance.health
     return (instance.live(now) and health.ejected_until <= now
-            and (not instance.checked or health.check_ok))
+            and (not instance.has_check or health.check_ok))
 
 
 # -- the master's side -------------------------------------------------------------------------
