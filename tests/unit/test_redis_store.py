@@ -451,10 +451,13 @@ def _certificates(tmp_path):
 
 @pytest.fixture
 def limiters(space):
+    """Limiters on the shared Redis. Unless a test passes its own URL, a take may wait 5 s for
+    Redis, not 0.25 s: on a busy machine a slow answer would let the request through (fail open)
+    and add one to the count the test is about."""
     opened: list[RedisLimiter] = []
 
     def open_one(url: str | None = None, **kwargs) -> RedisLimiter:
-        limiter = RedisLimiter(parse_url(url or space.url), **kwargs)
+        limiter = RedisLimiter(parse_url(url or space.url + "&rate_limit_timeout=5"), **kwargs)
         opened.append(limiter)
         return limiter
 
@@ -479,13 +482,15 @@ def test_bucket_capacity_and_decision_fields(limiters):
 
 def test_bucket_refills_at_the_rate(limiters):
     limiter = limiters()
-    limit = parse_rate_limit("10/second")
-    assert all(limiter.take("k", limit).allowed for _ in range(10))
+    # 2 a second: the bucket is emptied well within the 0.5 s a token takes to come back, even
+    # on a busy machine (at 10 a second, ten takes could outlast a refill)
+    limit = parse_rate_limit("2/second")
+    started = time.monotonic()  # the bucket is full (2) at the first take, after this
+    assert all(limiter.take("k", limit).allowed for _ in range(2))
     refused = limiter.take("k", limit)
     assert not refused.allowed and refused.retry_after == 1
-    emptied = time.monotonic()
     wait_for(lambda: limiter.take("k", limit).allowed, 10, 0.01, "a token to come back")
-    assert time.monotonic() - emptied >= 0.05  # one token takes 0.1 s at 10/s
+    assert time.monotonic() - started >= 0.45  # one token takes 0.5 s at 2/s (+ clock slack)
 
 
 def test_idle_buckets_expire_by_themselves(limiters, space):
