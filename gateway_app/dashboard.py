@@ -6,7 +6,7 @@ registry API (``/_gateway/services``, and each instance's ``/events`` where the 
 them), ``/_gateway/metrics`` where the gateway has it, and :func:`overview` below, every few
 seconds, with the admin token from the browser session as a bearer token when one was given.
 
-Access is the registry API's (:func:`gateway_app.admin.authorise`). A browser cannot send a
+Access is the registry API's (:func:`gateway_app.admin_access.authorise`). A browser cannot send a
 bearer token when it navigates, so a caller who is not on an admin network gets the page with
 401 and a form for the token; the form keeps it in ``sessionStorage`` and the script sends it
 with each request, where the API checks it as it checks any. A registration credential gets
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, render_template
 
-from . import admin
+from . import admin_access
 from .errors import Unauthorized
 from .health import EJECT_AFTER
 from .timestamps import rfc3339
@@ -68,7 +68,7 @@ def page() -> tuple[Response, int]:
     """The page; with 401 and the token form for a caller who is not allowed yet."""
     status = 200
     try:
-        admin.authorise()
+        admin_access.authorise()
     except Unauthorized:
         status = 401
     found = features()
@@ -85,7 +85,7 @@ def page() -> tuple[Response, int]:
 def overview() -> Response:
     """What the page shows beside the registry and the metrics: this node, its store, the
     features the page may ask for, and the passive-health rule (for its explanations)."""
-    admin.authorise()
+    admin_access.authorise()
     gw = current_app.extensions["gateway"]
     registry = gw.registry
     down_since = registry._down_since
