@@ -368,6 +368,11 @@ class HealthTracker:
         the listing: the same whichever worker answers. From this process's copies when the
         board cannot be read."""
         try:
+            # This worker's own count as it is now, not as last reported: with one worker
+            # the listing is exact, with several it lags only for the others.
+            counts = {k: e.in_flight for k, e in list(self._entries.items()) if e.in_flight}
+            self.board.report(f"{self.node}/{os.getpid()}", counts, now)
+            self._reported, self._reported_at = counts, now
             states = self.board.states(keys)
             in_flight = self.board.in_flight(now)
         except StoreError as exc:
