@@ -104,3 +104,34 @@ def test_a_revocation_reaches_every_worker_within_a_second(start_gateway):
 
 def test_the_seed_still_registers_from_loopback(gateway, upstream):
     assert gateway.register("hello_service", upstream.address).status_code == 201
+
+
+def test_a_revocation_on_one_node_reaches_the_other_within_a_second(start_gateway, space,
+                                                                    tmp_path):
+    """Two gateways over one Redis, sharing the registration key: a credential revoked through
+    one is refused by every worker of the other within the second."""
+    key = tmp_path / "registration-key"
+    key.write_text("k" * 64)
+    key.chmod(0o600)
+    settings = dict(GATEWAY_STORE=space.url, GATEWAY_ADMIN_ALLOW=ELSEWHERE,
+                    GATEWAY_ADMIN_TOKEN=ADMIN, GATEWAY_REGISTRATION_KEY_FILE=str(key))
+    one = start_gateway(data_dir=tmp_path / "a", wait=False, **settings)
+    two = start_gateway(data_dir=tmp_path / "b", wait=False, **settings)
+    one.wait_ready()
+    two.wait_ready()
+    minted = admin("POST", one.url + "/_gateway/registration-tokens",
+                   json={"services": ["svc"], "sub": "svc-deployer"}).json()
+    bearer = {"Authorization": f"Bearer {minted['token']}", "Connection": "close"}
+
+    def register(gateway) -> int:
+        return requests.post(gateway.url + "/register_service", data="svc,http://127.0.0.1:9",
+                             headers=bearer, timeout=5).status_code
+
+    assert {register(two) for _ in range(6)} <= {200, 201}  # the other node honours it
+    assert admin("DELETE", f"{two.url}/_gateway/registration-tokens/{minted['id']}"
+                 ).status_code == 200
+    done = time.monotonic()
+    time.sleep(1.0)  # the contract's second, then every worker of both nodes must refuse
+    assert time.monotonic() - done < 1.5
+    assert {register(one) for _ in range(8)} == {401}
+    assert {register(two) for _ in range(8)} == {401}
