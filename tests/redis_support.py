@@ -56,12 +56,18 @@ def require_redis_server() -> str:
 
 
 class SharedPrefix:
-    """A unique key prefix on the shared server's test DB; :meth:`cleanup` deletes its keys."""
+    """A unique key prefix on the shared server's test DB; :meth:`cleanup` deletes its keys.
+
+    Its ``url`` lets a write wait 10 s for Redis and a rate-limit check 5 s (not 1 s and
+    0.25 s): on a busy machine a slow answer would fail a write ("LATE ... nothing was
+    changed") or let a request through uncounted, where the test is about something else.
+    Tests of those deadlines run a ``redis-server`` or a :class:`SilentServer` of their own."""
 
     def __init__(self, db: int = TEST_DB) -> None:
         self.db = db
         self.prefix = f"test-{uuid.uuid4().hex[:12]}:"
-        self.url = f"redis://{SHARED_HOST}:{SHARED_PORT}/{db}?prefix={self.prefix}"
+        self.url = (f"redis://{SHARED_HOST}:{SHARED_PORT}/{db}?prefix={self.prefix}"
+                    "&socket_timeout=10&rate_limit_timeout=5")
         self.client = redis.Redis(SHARED_HOST, SHARED_PORT, db=db, decode_responses=True,
                                   socket_timeout=5)
 

@@ -23,12 +23,10 @@ from tests.support import READY_TIMEOUT, wait_for
 
 @pytest.fixture
 def pair(start_gateway, space, tmp_path):
-    """Two gateways (separate gunicorn masters, 2 workers each) sharing one Redis registry.
-    A rate-limit check may wait 5 s for Redis (not 0.25 s): on a busy machine a slow answer
-    would let a request through (fail open) and add one to the count a test is about."""
-    store = space.url + "&rate_limit_timeout=5"
-    first = start_gateway(data_dir=tmp_path / "a", wait=False, GATEWAY_STORE=store)
-    second = start_gateway(data_dir=tmp_path / "b", wait=False, GATEWAY_STORE=store)
+    """Two gateways (separate gunicorn masters, 2 workers each) sharing one Redis registry
+    (with the shared server's generous timeouts: see SharedPrefix)."""
+    first = start_gateway(data_dir=tmp_path / "a", wait=False, GATEWAY_STORE=space.url)
+    second = start_gateway(data_dir=tmp_path / "b", wait=False, GATEWAY_STORE=space.url)
     first.wait_ready()
     second.wait_ready()
     return first, second

@@ -451,13 +451,12 @@ def _certificates(tmp_path):
 
 @pytest.fixture
 def limiters(space):
-    """Limiters on the shared Redis. Unless a test passes its own URL, a take may wait 5 s for
-    Redis, not 0.25 s: on a busy machine a slow answer would let the request through (fail open)
-    and add one to the count the test is about."""
+    """Limiters on the shared Redis (a take waits up to 5 s for it: see SharedPrefix), or on
+    the test's own URL; closed after the test."""
     opened: list[RedisLimiter] = []
 
     def open_one(url: str | None = None, **kwargs) -> RedisLimiter:
-        limiter = RedisLimiter(parse_url(url or space.url + "&rate_limit_timeout=5"), **kwargs)
+        limiter = RedisLimiter(parse_url(url or space.url), **kwargs)
         opened.append(limiter)
         return limiter
 
