@@ -204,6 +204,19 @@ class Gateway:
                             timeout=timeout)
 
 
+    def wait_idle(self, name: str, timeout: float = READY_TIMEOUT) -> dict:
+        """Wait until no request is in flight to any instance of service ``name``, and return
+        its listing. Each worker reports its count a moment after it changes, so a listing
+        right after traffic may still show another worker's requests that have just ended."""
+        found: dict = {}
+
+        def idle() -> bool:
+            found.update(requests.get(f"{self.url}/_gateway/services/{name}", timeout=10).json())
+            return all(instance["in_flight"] == 0 for instance in found["instances"])
+
+        wait_for(idle, timeout, what=f"no request in flight to {name}")
+        return found
+
     def wait_routable(self, path: str, headers: dict, status: int | tuple[int, ...] = 200,
                       timeout: float = READY_TIMEOUT) -> None:
         """Wait until ``path`` answers ``status`` on every worker. A readiness wait, generous

@@ -127,6 +127,5 @@ def test_generated_requests_never_get_a_500_an_html_page_or_forwarded_when_refus
     exchange()
     assert len(upstream.seen) > 100  # (many generated requests were good enough to go up)
     # Nothing is left behind: no request in flight, no failure blamed on the instance.
-    instance = gateway.services()["services"][0]["instances"][0]
-    assert instance["in_flight"] == 0
+    instance = gateway.wait_idle("echo")["instances"][0]
     assert instance["consecutive_failures"] == 0
