@@ -88,14 +88,14 @@ def overview() -> Response:
     admin_access.authorise()
     gw = current_app.extensions["gateway"]
     registry = gw.registry
-    down_since = registry._down_since
+    outage = registry.store_outage()
     # The scheme only: a store URL may carry a password.
     kind = urlsplit(gw.settings.store).scheme or "memory"
     store: dict[str, Any] = {
         "kind": kind,
-        "up": down_since is None,
-        "down_since": rfc3339(down_since) if down_since is not None else None,
-        "error": registry._last_error or None if down_since is not None else None,
+        "up": outage is None,
+        "down_since": rfc3339(outage[0]) if outage is not None else None,
+        "error": (outage[1] or None) if outage is not None else None,
         "loaded": registry.snapshot().loaded,
     }
     return _headers(jsonify(

@@ -106,6 +106,11 @@ class Registry:
         """The store answered the watcher's last call (for the ``gateway_store_up`` metric)."""
         return self._down_since is None and self._snapshot.loaded
 
+    def store_outage(self) -> tuple[float, str] | None:
+        """While the store fails the watcher: since when (Unix time) and its last error."""
+        down_since = self._down_since
+        return None if down_since is None else (down_since, self._last_error or "")
+
     def snapshot(self) -> Snapshot:
         """The current snapshot: a read of one reference, no lock, no I/O, except on the
         first call in a forked process, which starts its watcher and first catches up with
