@@ -82,6 +82,7 @@ class GatewayState:
         self.begin_shutdown()
         accesslog.flush()
         self.checker.stop()
+        self.metrics.close()  # what its requests recorded since the last flush
         self.registry.close()
         self.health.close()
         self.forwarder.close()
@@ -179,9 +180,11 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         checker=ActiveChecker(registry.snapshot, health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
         credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
-        metrics=Metrics(registry, _version()),
+        metrics=Metrics(registry, _version(),
+                        batched_histograms="histogram_batches" in forwarder.fast_paths),
     )
     state.checker.start()
+    state.metrics.start()
     if "gateway" in app.extensions:
         raise RuntimeError("a gateway is already registered on this app")
     app.extensions["gateway"] = state

@@ -30,6 +30,8 @@ import logging
 import os
 import platform
 import struct
+import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from . import fastpaths
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -54,6 +58,10 @@ OTHER = "_other"
 #: and the upstream timeouts go up to tens of seconds; 0.5 ms to 30 s, about 2.5x apart.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
            10.0, 30.0)
+#: Seconds between a worker's flushes of what its requests recorded into prometheus_client.
+FLUSH_SECONDS = 1.0
+#: Recorded requests past which the flusher is woken before its time (bounds the queue).
+FLUSH_AT = 20_000
 #: Methods that are label values as they are (the ones the proxy forwards).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: The forwarder's error kinds (:func:`gateway_app.forwarding.upstream_error`) by label value;
@@ -120,12 +128,34 @@ class ServiceMetrics:
         return child
 
 
+class _Batch:
+    """What one flush adds for one ``service`` label: counts by (method, code), byte sums, and
+    the two histograms' observations."""
+
+    __slots__ = ("counts", "request_bytes", "response_bytes", "durations", "upstream")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], int] = {}
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.durations: list[float] = []
+        self.upstream: list[float] = []
+
+
 class Metrics:
     """This worker's metrics, and the scrape of all workers' (``app.extensions["gateway"]``
-    holds one as ``metrics``)."""
+    holds one as ``metrics``).
+
+    A request thread records a finished request by appending one tuple to a queue (a
+    ``deque``: appending takes no lock of ours); a flusher thread adds the queue to
+    prometheus_client's values every :data:`FLUSH_SECONDS` (each value written there costs a
+    process-wide lock and a write to a shared file, eight of them a request otherwise). A
+    scrape flushes the answering worker first, and a stopping worker flushes what is left
+    (:meth:`close`), so a worker's counts reach a scrape within a flush interval, as Envoy's
+    statistics reach its sinks within its ``stats_flush_interval``."""
 
     def __init__(self, registry: Registry, version: str = "unknown",
-                 directory: str | None = None) -> None:
+                 directory: str | None = None, batched_histograms: bool = False) -> None:
         self._registry = registry
         self.directory = directory if directory is not None else multiprocess_dir()
         # In multiprocess mode the values live in files, and the scrape reads the files: the
@@ -157,8 +187,16 @@ class Metrics:
         self.token_refusals = Counter("gateway_token_refusals", "Requests refused for their "
                                       "token, by reason", ["reason"], registry=own)
         self._services: dict[str, ServiceMetrics] = {}
-        self._in_flight_inc = self.in_flight.inc
-        self._in_flight_dec = self.in_flight.dec
+        #: Recorded, not yet flushed: ``None`` for an arrival, a tuple for a finished request.
+        self._pending: deque[tuple[str, str, int, float, float | None, int, int] | None] = deque()
+        self._append = self._pending.append
+        self._in_flight = 0  # as of the last flush (only flushes touch it)
+        self._flush_lock = threading.Lock()  # flushers only; request threads never take it
+        self._add_observations = (fastpaths.histogram_batches if batched_histograms
+                                  else _observe_each)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._flusher: threading.Thread | None = None
         scrape = own or CollectorRegistry()
         if self.directory:
             scrape.register(LockedMultiProcessCollector(self.directory))
@@ -184,25 +222,89 @@ class Metrics:
 
     def started(self) -> None:
         """A request arrived."""
-        self._in_flight_inc()
+        self._append(None)
 
     def finished(self, view: Any, code: int, sent: int) -> None:
-        """A request's response was closed after ``sent`` body bytes: count it, time it."""
-        self._in_flight_dec()
+        """A request's response was closed after ``sent`` body bytes: count it, time it (at
+        the next flush)."""
         name = view.service
-        label = (name if view.policy is not None and name in self._registry.snapshot().services
-                 else OTHER)
-        children = self.service(label)
-        method = view.method
-        children.counter(method if method in METHODS else OTHER, code).inc()
-        children.duration.observe(perf_counter() - view.start)
         upstream_ms = view.upstream_ms
-        if upstream_ms is not None:
-            children.upstream.observe(upstream_ms / 1000)
-        if view.request_bytes:
-            children.request_bytes.inc(view.request_bytes)
-        if sent:
-            children.response_bytes.inc(sent)
+        self._append((
+            name if view.policy is not None and name in self._registry.snapshot().services
+            else OTHER,
+            view.method, code, perf_counter() - view.start,
+            None if upstream_ms is None else upstream_ms / 1000, view.request_bytes, sent))
+        if len(self._pending) > FLUSH_AT:
+            self._wake.set()
+
+    # -- flushing (the flusher thread, a scrape, a stopping worker) ---------------------------
+
+    def start(self) -> None:
+        """Start this worker's flusher thread (once)."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._run, name="gateway-metrics",
+                                             daemon=True)
+            self._flusher.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(FLUSH_SECONDS)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - a failed flush must not end the thread
+                log.exception("metrics: flush failed")
+
+    def close(self) -> None:
+        """Stop the flusher and add what is left (a worker stopping)."""
+        self._stop.set()
+        self._wake.set()
+        if self._flusher is not None:
+            self._flusher.join(5)
+        self.flush()
+
+    def flush(self) -> None:
+        """Add what was recorded since the last flush to prometheus_client's values."""
+        with self._flush_lock:
+            pending = self._pending
+            count = len(pending)  # only these: requests finishing meanwhile go next time
+            if not count:
+                return
+            in_flight = self._in_flight
+            batches: dict[str, _Batch] = {}
+            popleft = pending.popleft
+            for _ in range(count):
+                record = popleft()
+                if record is None:
+                    in_flight += 1
+                    continue
+                in_flight -= 1
+                label, method, code, seconds, upstream, request_bytes, sent = record
+                batch = batches.get(label)
+                if batch is None:
+                    batch = batches[label] = _Batch()
+                key = (method if method in METHODS else OTHER, code)
+                batch.counts[key] = batch.counts.get(key, 0) + 1
+                batch.durations.append(seconds)
+                if upstream is not None:
+                    batch.upstream.append(upstream)
+                batch.request_bytes += request_bytes or 0
+                batch.response_bytes += sent
+            if in_flight != self._in_flight:
+                self._in_flight = in_flight
+                self.in_flight.set(in_flight)
+            add = self._add_observations
+            for label, batch in batches.items():
+                children = self.service(label)
+                for (method, code), n in batch.counts.items():
+                    children.counter(method, code).inc(n)
+                add(children.duration, batch.durations)
+                if batch.upstream:
+                    add(children.upstream, batch.upstream)
+                if batch.request_bytes:
+                    children.request_bytes.inc(batch.request_bytes)
+                if batch.response_bytes:
+                    children.response_bytes.inc(batch.response_bytes)
 
     def upstream_failed(self, service: str, kind: str) -> None:
         self.upstream_errors.labels(self.label(service), UPSTREAM_KINDS.get(kind, "other")).inc()
@@ -226,8 +328,17 @@ class Metrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition of every worker's metrics, in the format ``accept`` asks for
         (Prometheus text unless it asks for OpenMetrics), and its content type."""
+        self.flush()  # this worker's own counts, as of now
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.scrape_registry), content_type
+
+
+def _observe_each(histogram: Any, values: list[float]) -> None:
+    """The stock way: one ``observe`` a value (:func:`gateway_app.fastpaths.histogram_batches`
+    adds them per bucket)."""
+    observe = histogram.observe
+    for value in values:
+        observe(value)
 
 
 class LockedMultiProcessCollector:

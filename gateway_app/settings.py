@@ -22,8 +22,9 @@ DEFAULT_CLIENT_HEADER_TIMEOUT = 60.0
 DEFAULT_CLIENT_BODY_TIMEOUT = 60.0
 #: Default client connections one worker holds at most (gunicorn's worker_connections).
 DEFAULT_MAX_CONNECTIONS = 1000
-#: The fast paths into http.client's and urllib3's internals (see gateway_app/fastpaths.py).
-FAST_PATH_NAMES = ("kernel_timeouts", "header_lines", "header_block")
+#: The fast paths into http.client's, urllib3's and prometheus_client's internals (see
+#: gateway_app/fastpaths.py).
+FAST_PATH_NAMES = ("kernel_timeouts", "header_lines", "header_block", "histogram_batches")
 #: Algorithms the verifier knows; each is either HMAC (a secret) or public-key (a PEM file).
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(

@@ -57,16 +57,21 @@ def register(gateway, name: str, address: str) -> None:
 
 def test_every_scrape_counts_the_requests_of_all_workers(gateway, upstream, auth):
     register(gateway, "svc", upstream.address)
-    gateway.wait_routable("/svc/", auth)
-    before = value(scrape(gateway), "gateway_requests_total", service="svc", method="GET",
-                   code="200")
-    for _ in range(40):  # new connections: the kernel spreads them over both workers
-        assert gateway.fresh_get("/svc/json", auth).status_code == 200
+    # (the waits get 204s: every GET answered 200 below is one of the 40)
+    gateway.wait_routable("/svc/status/204", auth, 204)
     directory = metrics_dir(gateway)
     pids = gateway.worker_pids()
     assert len(pids) == 2
-    # both workers served some: each has a counter file of its own
-    assert all(os.path.exists(os.path.join(directory, f"counter_{pid}.db")) for pid in pids)
+    before = 0
+    for _ in range(40):  # new connections: the kernel spreads them over both workers
+        assert gateway.fresh_get("/svc/json", auth).status_code == 200
+    # both workers served some: each has a counter file of its own (written at its next flush)
+    wait_for(lambda: all(os.path.exists(os.path.join(directory, f"counter_{pid}.db"))
+                         for pid in pids), 30, what="both workers' counter files")
+    # within a flush interval every worker's requests are in any scrape, and stay there
+    wait_for(lambda: value(scrape(gateway), "gateway_requests_total", service="svc",
+                           method="GET", code="200") == before + 40, 30,
+             what="40 more requests counted")
     for _ in range(6):
         samples = scrape(gateway)
         assert value(samples, "gateway_requests_total", service="svc", method="GET",
@@ -81,7 +86,8 @@ def test_every_scrape_counts_the_requests_of_all_workers(gateway, upstream, auth
         assert requests.post(gateway.url + "/svc/echo", data=b"z" * 1000,
                              headers={**auth, "Connection": "close"},
                              timeout=10).status_code == 200
-    assert value(scrape(gateway), "gateway_request_bytes_total", service="svc") == 10_000
+    wait_for(lambda: value(scrape(gateway), "gateway_request_bytes_total",
+                           service="svc") == 10_000, 30, what="10,000 bytes in counted")
 
 
 def test_metrics_are_refused_where_the_registry_api_is(start_gateway):
@@ -90,9 +96,9 @@ def test_metrics_are_refused_where_the_registry_api_is(start_gateway):
         refused = gateway.fresh_get(path)
         assert refused.status_code == 401, path
         assert refused.json()["error"] == "unauthorized"
-    samples = scrape(gateway, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert value(samples, "gateway_requests_total", service="_other", method="GET",
-                 code="401") >= 2
+    wait_for(lambda: value(scrape(gateway, {"Authorization": f"Bearer {ADMIN_TOKEN}"}),
+                           "gateway_requests_total", service="_other", method="GET",
+                           code="401") >= 2, 30, what="the two 401s counted")
 
 
 def test_upstream_failures_are_counted_by_kind(start_gateway, upstream, auth):
@@ -118,7 +124,13 @@ def test_upstream_failures_are_counted_by_kind(start_gateway, upstream, auth):
                 gateway.fresh_get("/cut/truncate", auth)  # (reads the body: raises)
             except requests.RequestException:
                 pass
-        samples = scrape(gateway)
+
+        def answered() -> dict | None:
+            samples = scrape(gateway)
+            return samples if value(samples, "gateway_requests_total", service="cut",
+                                    method="GET", code="200") >= 4 else None
+
+        samples = wait_for(answered, 30, what="the 4 cut answers counted")
     assert set(labelled(samples, "gateway_upstream_errors_total", "kind")) == {
         "refused", "reset", "protocol", "timeout"}
     for service, kind in (("closed", "refused"), ("resets", "reset"),
@@ -154,11 +166,15 @@ def test_token_refusals_and_rate_limit_refusals_are_counted_across_workers(gatew
                             json={"rate_limit": "2/minute"}, timeout=5)
     assert response.status_code == 201
     gateway.wait_routable("/svc/", auth, 429)  # (8 in a row, over both workers)
-    samples = scrape(gateway)
-    limited = value(samples, "gateway_rate_limited_total", service="svc")
-    assert limited >= 8
-    assert limited == value(samples, "gateway_requests_total", service="svc", method="GET",
-                            code="429")
+
+    def answers_counted() -> dict | None:
+        # a refusal is counted as it is made, its answer at the worker's next flush
+        samples = scrape(gateway)
+        return samples if value(samples, "gateway_rate_limited_total", service="svc") == value(
+            samples, "gateway_requests_total", service="svc", method="GET", code="429") else None
+
+    samples = wait_for(answers_counted, 30, what="every 429 answer counted")
+    assert value(samples, "gateway_rate_limited_total", service="svc") >= 8
 
 
 def test_fifty_worker_restarts_keep_the_sums_and_leave_the_scrape_fast(start_gateway,
@@ -174,9 +190,20 @@ def test_fifty_worker_restarts_keep_the_sums_and_leave_the_scrape_fast(start_gat
                          code="200") for name in names)
 
     directory = metrics_dir(gateway)
+    restarts = 0
+
+    def restart_workers() -> int:
+        old = set(gateway.worker_pids())
+        for pid in old:
+            os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: len(set(gateway.worker_pids()) - old) >= 2, 60, what="two new workers")
+        gateway.wait_ready()
+        return len(old)
+
+    # The workers that served the waits above flush as they stop: what they counted is in.
+    restarts += restart_workers()
     before = answered_200(scrape(gateway))
     answered = 0
-    restarts = 0
     while restarts < 50:
         for i in range(4):
             try:
@@ -184,17 +211,15 @@ def test_fifty_worker_restarts_keep_the_sums_and_leave_the_scrape_fast(start_gat
             except requests.RequestException:
                 continue
             answered += response.status_code == 200
-        old = set(gateway.worker_pids())
-        for pid in old:
-            os.kill(pid, signal.SIGTERM)
-        restarts += len(old)
-        wait_for(lambda old=old: len(set(gateway.worker_pids()) - old) >= 2, 60,
-                 what="two new workers")
-        gateway.wait_ready()
+        restarts += restart_workers()
     samples = scrape(gateway)
-    # every request answered before a restart is still counted, once
+    # every request answered before a restart is still counted, once (a stopping worker
+    # flushes what it recorded)
     assert answered_200(samples) == before + answered
-    assert value(samples, "gateway_requests_in_flight") == 1  # this scrape: no dead worker's
+    # in flight: this scrape, and no dead worker's (the live workers' gauges are as of their
+    # last flush, a ready probe perhaps among them, so within a flush interval)
+    wait_for(lambda: value(scrape(gateway), "gateway_requests_in_flight") == 1, 30,
+             what="one request in flight: the scrape")
     # bounded: three files per live worker (counters, histograms, in-flight) and two archives
     files = [f for f in os.listdir(directory) if f.endswith(".db")]
     assert len(files) <= 2 * 3 + 2, files

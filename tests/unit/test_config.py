@@ -63,7 +63,8 @@ def test_upstream_deny():
 
 
 def test_fast_paths():
-    assert load_settings({}).fast_paths == {"kernel_timeouts", "header_lines", "header_block"}
+    assert load_settings({}).fast_paths == {"kernel_timeouts", "header_lines", "header_block",
+                                            "histogram_batches"}
     assert load_settings({"GATEWAY_FAST_PATHS": "OFF"}).fast_paths == frozenset()
     assert load_settings({"GATEWAY_FAST_PATHS": "header_lines"}).fast_paths == {"header_lines"}
 

@@ -304,3 +304,153 @@ def test_store_up_follows_the_watchers_last_call():
         assert store_up() == 1
     finally:
         registry.close()
+
+
+# -- recording is batched: a request appends, a flush writes ------------------------------------
+
+
+class _View:
+    """What :meth:`Metrics.finished` reads of a request's view."""
+
+    def __init__(self, service: str = "svc", method: str = "GET", upstream_ms: float = 2.0,
+                 request_bytes: int = 0) -> None:
+        import time
+
+        self.service, self.method, self.policy = service, method, object()
+        self.start = time.perf_counter()
+        self.upstream_ms, self.request_bytes = upstream_ms, request_bytes
+
+
+@pytest.fixture
+def bare_metrics():
+    """A :class:`Metrics` over a registry that knows one service, ``svc``, flushed by hand."""
+    from types import SimpleNamespace
+
+    from gateway_app.metrics import Metrics
+
+    snapshot = SimpleNamespace(services={"svc": None}, names=[])
+    registry = SimpleNamespace(snapshot=lambda: snapshot, now=lambda: 0.0,
+                               store_answers=lambda: True)
+    return Metrics(registry)  # type: ignore[arg-type]
+
+
+def samples_of(metrics) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.scrape_registry.collect() for s in family.samples}
+
+
+def test_a_request_is_written_at_the_next_flush_not_before(bare_metrics):
+    metrics = bare_metrics
+    for _ in range(3):
+        metrics.started()
+    for _ in range(2):
+        metrics.finished(_View(request_bytes=7), 200, 40)
+    metrics.finished(_View(service="nosuch", method="BREW"), 404, 9)
+    metrics.started()  # still in flight at the flush
+    assert value(samples_of(metrics), "gateway_requests_total", service="svc", method="GET",
+                 code="200") == 0
+    metrics.flush()
+    samples = samples_of(metrics)
+    assert value(samples, "gateway_requests_total", service="svc", method="GET",
+                 code="200") == 2
+    assert value(samples, "gateway_requests_total", service=OTHER, method=OTHER,
+                 code="404") == 1
+    assert value(samples, "gateway_response_bytes_total", service="svc") == 80
+    assert value(samples, "gateway_request_bytes_total", service="svc") == 14
+    assert value(samples, "gateway_request_duration_seconds_count", service="svc") == 2
+    assert value(samples, "gateway_upstream_duration_seconds_sum", service="svc") == 0.004
+    assert value(samples, "gateway_requests_in_flight") == 1
+    metrics.finished(_View(), 200, 0)
+    metrics.flush()
+    samples = samples_of(metrics)
+    assert value(samples, "gateway_requests_in_flight") == 0
+    assert value(samples, "gateway_requests_total", service="svc", method="GET",
+                 code="200") == 3
+
+
+def test_the_flusher_thread_writes_within_its_interval_and_close_writes_the_rest(bare_metrics):
+    import threading
+
+    from tests.support import wait_for
+
+    metrics = bare_metrics
+    metrics.start()
+    try:
+        def record(n: int) -> None:
+            for _ in range(n):
+                metrics.started()
+                metrics.finished(_View(), 200, 1)
+
+        threads = [threading.Thread(target=record, args=(500,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait_for(lambda: value(samples_of(metrics), "gateway_requests_total", service="svc",
+                               method="GET", code="200") == 4000, 30, what="the flusher")
+        metrics.finished(_View(), 200, 1)
+    finally:
+        metrics.close()
+    assert not metrics._flusher.is_alive()
+    samples = samples_of(metrics)
+    assert value(samples, "gateway_requests_total", service="svc", method="GET",
+                 code="200") == 4001
+    assert value(samples, "gateway_response_bytes_total", service="svc") == 4001
+
+
+# -- the histogram_batches fast path against prometheus_client's own observe --------------------
+
+#: Values on and around every bound, below the first and past the last.
+_HISTOGRAM_VALUES = ([0.0, 1e-9, 0.0004999, 45.0, 1e9]
+                     + [b * f for b in BUCKETS for f in (0.999999, 1.0, 1.000001)]
+                     + [random.Random(7).lognormvariate(-5, 2) for _ in range(2000)])
+
+
+def _histogram_samples(add, multiprocess_dir=None, monkeypatch=None) -> dict:
+    from prometheus_client import CollectorRegistry, Histogram, values
+
+    registry = CollectorRegistry()
+    if multiprocess_dir is not None:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(multiprocess_dir))
+        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(lambda: 4242))
+    histogram = Histogram("trial_seconds", "t", ["service"], buckets=BUCKETS,
+                          registry=None if multiprocess_dir else registry)
+    child = histogram.labels("svc")
+    for start in range(0, len(_HISTOGRAM_VALUES), 300):  # in flushes
+        add(child, _HISTOGRAM_VALUES[start:start + 300])
+    if multiprocess_dir is not None:
+        families = MultiProcessCollector(None, path=str(multiprocess_dir)).collect()
+    else:
+        families = registry.collect()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in families for s in family.samples if not s.name.endswith("_created")}
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["in-process", "multiprocess"])
+def test_histogram_batches_give_the_exposition_observe_gives(multiprocess, tmp_path,
+                                                              monkeypatch):
+    from gateway_app import fastpaths
+    from gateway_app.metrics import _observe_each
+
+    stock_dir = tmp_path / "stock"
+    fast_dir = tmp_path / "fast"
+    stock_dir.mkdir()
+    fast_dir.mkdir()
+    with monkeypatch.context() as patch:
+        stock = _histogram_samples(_observe_each, stock_dir if multiprocess else None, patch)
+    with monkeypatch.context() as patch:
+        fast = _histogram_samples(fastpaths.histogram_batches,
+                                  fast_dir if multiprocess else None, patch)
+    assert len(stock) == len(BUCKETS) + 1 + 2  # buckets, +Inf, count, sum
+    assert stock.keys() == fast.keys()
+    for key, expected in stock.items():
+        assert fast[key] == pytest.approx(expected, rel=1e-12), key
+
+
+def test_histogram_batches_is_refused_for_a_prometheus_client_it_was_not_checked_against(
+        monkeypatch):
+    from gateway_app import fastpaths
+
+    assert fastpaths._check_histogram_batches() is None  # the pinned one
+    monkeypatch.setattr(fastpaths, "version", lambda name: "0.27.0")
+    assert "not a release this was checked against" in fastpaths._check_histogram_batches()
