@@ -272,7 +272,10 @@ def test_a_name_resolving_to_a_refused_address_is_never_connected_to(start_gatew
         assert "refused address" in response.json()["message"]
         listing = requests.get(f"{gateway.url}/_gateway/services/named", timeout=5).json()
         assert listing["instances"][0]["in_flight"] == 0
-        assert not leaked_sockets(gateway.worker_pids(), upstream.port)
+        # (polled, as in assert_clean_after: the worker may not yet have closed the test's
+        # own client connections, which are sockets the kernel no longer lists either)
+        wait_for(lambda: not leaked_sockets(gateway.worker_pids(), upstream.port),
+                 timeout=READY_TIMEOUT, what="no socket left towards the upstream")
         policy = {"health_check": {"path": "/health", "interval": 0.5, "timeout": 0.4}}
         assert requests.put(f"{gateway.url}/_gateway/services/named/policy", json=policy,
                             timeout=5).status_code in (200, 201)
