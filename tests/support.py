@@ -30,6 +30,17 @@ READY_TIMEOUT = 60.0
 #: Ports that :func:`free_port` hands out: below the kernel's ephemeral range (32768 and up on
 #: Linux), so no outgoing connection and no ``bind(("127.0.0.1", 0))`` takes one of them.
 PORT_RANGE = range(20000, 32000)
+
+#: How often a test's own HTTP server looks for a shutdown request (socketserver's default,
+#: 0.5 s, made every server's teardown wait half a second: about 40 s of the suite's time).
+SHUTDOWN_POLL = 0.01
+
+
+class QuickShutdown:
+    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``."""
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_POLL) -> None:
+        super().serve_forever(poll_interval)  # type: ignore[misc]
 #: One byte per port, locked (fcntl, released when the process ends) by the test process that
 #: took the port: test processes running at once (pytest-xdist workers, other checkouts' runs)
 #: never hand out the same one.
@@ -316,7 +327,7 @@ class Recorder(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
 
 
-class UpstreamServer(ThreadingHTTPServer):
+class UpstreamServer(QuickShutdown, ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, port: int = 0) -> None:
@@ -385,7 +396,7 @@ class ScriptedUpstream:
         self.port = self.sock.getsockname()[1]
         self.address = f"http://127.0.0.1:{self.port}"
         self.requests: list[bytes] = []
-        self._open: set[int] = set()
+        self._open: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -433,7 +444,7 @@ class ScriptedUpstream:
     def _serve(self, conn: socket.socket) -> None:
         key = conn.fileno()
         with self._lock:
-            self._open.add(key)
+            self._open[key] = conn
         try:
             conn.settimeout(60)
             self.requests.append(self._read_request(conn))
@@ -453,7 +464,7 @@ class ScriptedUpstream:
             pass
         finally:
             with self._lock:
-                self._open.discard(key)
+                self._open.pop(key, None)
             conn.close()
 
     def __enter__(self) -> ScriptedUpstream:
@@ -463,6 +474,16 @@ class ScriptedUpstream:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.sock.close()
+        # Connections still held (the script ended and the peer keeps its end open, say in
+        # an idle pool) are ended here: the test has made its assertions, and each thread
+        # would otherwise wait out its join below.
+        with self._lock:
+            held = list(self._open.values())
+        for conn in held:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self._threads:
             thread.join(5)
 
@@ -585,7 +606,7 @@ class RelayHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
 
 
-class Relay(ThreadingHTTPServer):
+class Relay(QuickShutdown, ThreadingHTTPServer):
     """A local relay to ``target_port`` (a gateway, say), dropping the headers named in
     ``drop`` (lower-case)."""
 
