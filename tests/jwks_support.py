@@ -43,6 +43,9 @@ def public_jwk(kind: str, private_key: Any, **members: Any) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: KeyServer
 
     def log_message(self, *args: Any) -> None:

@@ -252,6 +252,9 @@ class Recorder(BaseHTTPRequestHandler):
     """An upstream that answers by path and remembers what it received."""
 
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: UpstreamServer
 
     def log_message(self, *args):  # keep test output clean
@@ -573,6 +576,9 @@ class RelayHandler(BaseHTTPRequestHandler):
     method, path (without its first segment), headers and body; answers with what came back."""
 
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: Relay
 
     def log_message(self, *args):

@@ -11,6 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
