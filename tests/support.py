@@ -37,7 +37,15 @@ SHUTDOWN_POLL = 0.01
 
 
 class QuickShutdown:
-    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``."""
+    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``,
+    and a listen backlog that a burst of connections does not overflow.
+
+    socketserver listens with a backlog of 5: a gateway's workers opening more connections
+    than that at once, while the test process is slow to accept (a loaded machine), had
+    their SYN dropped and sent again a second later (seen: 1.1 s of upstream time on a
+    request, failing the registry's one-second test under stress-ng)."""
+
+    request_queue_size = 1024
 
     def serve_forever(self, poll_interval: float = SHUTDOWN_POLL) -> None:
         super().serve_forever(poll_interval)  # type: ignore[misc]
