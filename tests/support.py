@@ -100,6 +100,23 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def _own_signal_handlers(pid: int) -> bool:
+    """Has gunicorn worker ``pid`` installed its own signal handlers? Until it does, it runs
+    the master's, inherited at fork, which only queue a signal for a master loop the worker
+    never runs: a SIGTERM or SIGQUIT sent then is lost, the worker boots and stays (seen under
+    stress-ng: a restart waited 60 s for its new workers; a stop was cut short by SIGKILL
+    after 20 s, so the master's exit hook never removed the metric files). Only a worker
+    catches SIGABRT."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGABRT - 1) & 1)
+    except OSError:  # gone meanwhile: look again
+        pass
+    return False
+
+
 class Gateway:
     """A real gateway: ``gunicorn -c gunicorn.conf.py wsgi:app`` in its own process group."""
 
@@ -143,10 +160,13 @@ class Gateway:
         def all_workers():
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            return len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"])
+            pids = self.worker_pids()
+            return len(pids) >= int(self.env["GATEWAY_WORKERS"]) and all(
+                _own_signal_handlers(pid) for pid in pids)
 
         wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
-        # Every worker must have booted, not just the first one to answer.
+        # Every worker must have booted, not just the first one to answer; and each must have
+        # its own signal handlers, so that a test's SIGTERM or SIGQUIT is not lost on it.
         try:
             wait_for(all_workers, timeout, 0.05, "all workers")
         except AssertionError as exc:
