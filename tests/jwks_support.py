@@ -14,6 +14,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from tests.support import QuickShutdown
+
 #: What each kind of key signs with.
 ALGORITHMS = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}
 _RSA_KEYS: list[Any] = []  # 2048-bit RSA keys take a while to make: a few, reused
@@ -41,6 +43,9 @@ def public_jwk(kind: str, private_key: Any, **members: Any) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: KeyServer
 
     def log_message(self, *args: Any) -> None:
@@ -93,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-class KeyServer(ThreadingHTTPServer):
+class KeyServer(QuickShutdown, ThreadingHTTPServer):
     """An identity provider on 127.0.0.1: ``/jwks.json``, ``/.well-known/openid-configuration``.
 
     ``add_key`` makes a key and publishes it; ``token`` signs with one; ``down`` makes every

@@ -30,6 +30,25 @@ READY_TIMEOUT = 60.0
 #: Ports that :func:`free_port` hands out: below the kernel's ephemeral range (32768 and up on
 #: Linux), so no outgoing connection and no ``bind(("127.0.0.1", 0))`` takes one of them.
 PORT_RANGE = range(20000, 32000)
+
+#: How often a test's own HTTP server looks for a shutdown request (socketserver's default,
+#: 0.5 s, made every server's teardown wait half a second: about 40 s of the suite's time).
+SHUTDOWN_POLL = 0.01
+
+
+class QuickShutdown:
+    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``,
+    and a listen backlog that a burst of connections does not overflow.
+
+    socketserver listens with a backlog of 5: a gateway's workers opening more connections
+    than that at once, while the test process is slow to accept (a loaded machine), had
+    their SYN dropped and sent again a second later (seen: 1.1 s of upstream time on a
+    request, failing the registry's one-second test under stress-ng)."""
+
+    request_queue_size = 1024
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_POLL) -> None:
+        super().serve_forever(poll_interval)  # type: ignore[misc]
 #: One byte per port, locked (fcntl, released when the process ends) by the test process that
 #: took the port: test processes running at once (pytest-xdist workers, other checkouts' runs)
 #: never hand out the same one.
@@ -81,6 +100,23 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def _own_signal_handlers(pid: int) -> bool:
+    """Has gunicorn worker ``pid`` installed its own signal handlers? Until it does, it runs
+    the master's, inherited at fork, which only queue a signal for a master loop the worker
+    never runs: a SIGTERM or SIGQUIT sent then is lost, the worker boots and stays (seen under
+    stress-ng: a restart waited 60 s for its new workers; a stop was cut short by SIGKILL
+    after 20 s, so the master's exit hook never removed the metric files). Only a worker
+    catches SIGABRT."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGABRT - 1) & 1)
+    except OSError:  # gone meanwhile: look again
+        pass
+    return False
+
+
 class Gateway:
     """A real gateway: ``gunicorn -c gunicorn.conf.py wsgi:app`` in its own process group."""
 
@@ -124,10 +160,13 @@ class Gateway:
         def all_workers():
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            return len(self.worker_pids()) >= int(self.env["GATEWAY_WORKERS"])
+            pids = self.worker_pids()
+            return len(pids) >= int(self.env["GATEWAY_WORKERS"]) and all(
+                _own_signal_handlers(pid) for pid in pids)
 
         wait_for(ready, timeout, 0.05, "the gateway to answer /_gateway/health")
-        # Every worker must have booted, not just the first one to answer.
+        # Every worker must have booted, not just the first one to answer; and each must have
+        # its own signal handlers, so that a test's SIGTERM or SIGQUIT is not lost on it.
         try:
             wait_for(all_workers, timeout, 0.05, "all workers")
         except AssertionError as exc:
@@ -241,6 +280,9 @@ class Recorder(BaseHTTPRequestHandler):
     """An upstream that answers by path and remembers what it received."""
 
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: UpstreamServer
 
     def log_message(self, *args):  # keep test output clean
@@ -316,7 +358,7 @@ class Recorder(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
 
 
-class UpstreamServer(ThreadingHTTPServer):
+class UpstreamServer(QuickShutdown, ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, port: int = 0) -> None:
@@ -385,7 +427,7 @@ class ScriptedUpstream:
         self.port = self.sock.getsockname()[1]
         self.address = f"http://127.0.0.1:{self.port}"
         self.requests: list[bytes] = []
-        self._open: set[int] = set()
+        self._open: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -433,7 +475,7 @@ class ScriptedUpstream:
     def _serve(self, conn: socket.socket) -> None:
         key = conn.fileno()
         with self._lock:
-            self._open.add(key)
+            self._open[key] = conn
         try:
             conn.settimeout(60)
             self.requests.append(self._read_request(conn))
@@ -453,7 +495,7 @@ class ScriptedUpstream:
             pass
         finally:
             with self._lock:
-                self._open.discard(key)
+                self._open.pop(key, None)
             conn.close()
 
     def __enter__(self) -> ScriptedUpstream:
@@ -463,6 +505,16 @@ class ScriptedUpstream:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.sock.close()
+        # Connections still held (the script ended and the peer keeps its end open, say in
+        # an idle pool) are ended here: the test has made its assertions, and each thread
+        # would otherwise wait out its join below.
+        with self._lock:
+            held = list(self._open.values())
+        for conn in held:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for thread in self._threads:
             thread.join(5)
 
@@ -552,6 +604,9 @@ class RelayHandler(BaseHTTPRequestHandler):
     method, path (without its first segment), headers and body; answers with what came back."""
 
     protocol_version = "HTTP/1.1"
+    #: TCP_NODELAY, as real servers set it: without it the head and the body, written apart,
+    #: wait on the peer's delayed ACK (about 40 ms a response on loopback).
+    disable_nagle_algorithm = True
     server: Relay
 
     def log_message(self, *args):
@@ -585,7 +640,7 @@ class RelayHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = handle_one
 
 
-class Relay(ThreadingHTTPServer):
+class Relay(QuickShutdown, ThreadingHTTPServer):
     """A local relay to ``target_port`` (a gateway, say), dropping the headers named in
     ``drop`` (lower-case)."""
 

@@ -17,7 +17,14 @@ import pytest
 import requests
 
 from tests.conftest import make_token
-from tests.support import READY_TIMEOUT, ROOT, UpstreamServer, free_port, wait_for
+from tests.support import (
+    READY_TIMEOUT,
+    ROOT,
+    SHUTDOWN_POLL,
+    UpstreamServer,
+    free_port,
+    wait_for,
+)
 
 ELSEWHERE = "192.0.2.0/24"  # TEST-NET-1: nobody here calls from it
 ADMIN = "admin-token-for-dashboard-tests-0123456789"
@@ -321,7 +328,7 @@ def served_app(tmp_path):
 
     def serve():
         server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL,), daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}"
 

@@ -153,7 +153,9 @@ def test_active_check_failure_is_one_view_and_the_instance_recovers(gateway):
         view = wait_state(gateway, "svc", address, "ejected")
         assert view["health"] == "unhealthy" and view["last_check"]["ok"] is False
         assert view["last_cause"] == "probe: HTTP 500"
-        assert gateway.fresh_get("/svc/", token).status_code == 503
+        # The listing reads the shared view; each worker routes from its own copy of it,
+        # refreshed a moment later: so wait for every worker to refuse, not just one.
+        gateway.wait_routable("/svc/", token, status=503)
 
         # still probed while out, so it comes back
         checked.health_status = 200

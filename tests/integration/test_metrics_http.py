@@ -196,7 +196,14 @@ def test_fifty_worker_restarts_keep_the_sums_and_leave_the_scrape_fast(start_gat
         old = set(gateway.worker_pids())
         for pid in old:
             os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: len(set(gateway.worker_pids()) - old) >= 2, 60, what="two new workers")
+        try:
+            wait_for(lambda: len(set(gateway.worker_pids()) - old) >= 2, 60,
+                     what="two new workers")
+        except AssertionError as exc:  # (seen once under load: say what the master did)
+            state = "running" if gateway.proc.poll() is None else f"exited {gateway.proc.poll()}"
+            raise AssertionError(f"{exc} after {restarts} restarts; killed {sorted(old)}, now "
+                                 f"{gateway.worker_pids()}; master {state}; log tail:\n"
+                                 f"{gateway.log()[-4000:]}") from None
         gateway.wait_ready()
         return len(old)
 

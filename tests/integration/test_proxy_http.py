@@ -280,7 +280,6 @@ def test_https_upstream_is_verified(start_gateway, tmp_path, auth):
     import datetime
     import ssl
     import threading
-    from http.server import ThreadingHTTPServer
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -306,8 +305,7 @@ def test_https_upstream_is_verified(start_gateway, tmp_path, auth):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=ThreadingHTTPServer.serve_forever, args=(server,),
-                     daemon=True).start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         address = f"https://localhost:{server.port}"
         untrusting = start_gateway(data_dir=tmp_path / "a")

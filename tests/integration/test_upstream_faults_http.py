@@ -329,7 +329,9 @@ def test_probes_and_traffic_trust_the_same_private_ca(start_gateway, tmp_path, t
 
         check = wait_for(last_check, timeout=READY_TIMEOUT, what="a health probe")
         assert check["ok"] is True, check
-        assert gateway.fresh_get("/tls/x", {"Authorization": make_token()}).status_code == 200
+        # The listing reads the shared view; the worker routes from its copy of it, refreshed
+        # a moment later (SYNC_INTERVAL): wait for traffic to pass, not one request's luck.
+        gateway.wait_routable("/tls/x", {"Authorization": make_token()}, 200)
     finally:
         server.shutdown()
         server.server_close()
