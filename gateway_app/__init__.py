@@ -29,9 +29,10 @@ from .credentials import RegistrationCredentials
 from .errors import register_error_handlers
 from .forwarding import Forwarder
 from .front import VIA_PREFIX, FrontDoor
-from .health import ActiveChecker, HealthTracker
+from .health import HealthTracker
 from .jwks import ProviderError, ProviderKeys
 from .metrics import Metrics
+from .prober import ActiveChecker
 from .ratelimit import Limiter, SharedBuckets
 from .registry import Registry
 from .retries import RetryBudget

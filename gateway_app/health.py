@@ -14,9 +14,10 @@ The truth is a :class:`~gateway_app.stores.healthboard.HealthBoard` shared by th
 with Redis, the nodes): each transition (a failure counted, an ejection, a recovery, a probe
 result) is one atomic update there, with an event appended to the instance's timeline. Request
 threads read this process's copy of each instance's state (:class:`InstanceHealth`) without a
-lock and without I/O; one thread per process (:class:`ActiveChecker`) brings the copies up to
-date every :data:`SYNC_INTERVAL` seconds and reports this worker's requests in flight. Every
-event goes through :meth:`HealthTracker.emit`, the one place to hook (metrics, logs).
+lock and without I/O; one thread per process (:class:`~gateway_app.prober.ActiveChecker`)
+brings the copies up to date every :data:`SYNC_INTERVAL` seconds and reports this worker's
+requests in flight. Every event goes through :meth:`HealthTracker.emit`, the one place to hook
+(metrics, logs).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from .errors import GatewayError
@@ -35,7 +35,7 @@ from .stores.healthboard import HealthBoard, LocalBoard
 from .timestamps import rfc3339
 
 if TYPE_CHECKING:
-    from .forwarding import Forwarder
+    pass
 
 log = logging.getLogger("gateway.health")
 
@@ -46,8 +46,6 @@ BASE_EJECTION = 30.0
 MAX_EJECTION_FACTOR = 10
 #: Upstream statuses that count as failures of the instance.
 FAILURE_STATUSES = frozenset({502, 503, 504})
-#: Probes in flight at once, per process.
-PROBE_CONCURRENCY = 4
 #: Seconds between two looks at the board (and probe rounds): the propagation bound of the
 #: shared view is a few of these.
 SYNC_INTERVAL = 0.2
@@ -404,67 +402,3 @@ class HealthTracker:
         if self._reported:
             self._quietly(self.board.report, f"{self.node}/{os.getpid()}", {}, time.time())
         self.board.close()
-
-
-class ActiveChecker:
-    """One thread per process: keeps the health copies in sync with the board, and probes the
-    instances of services with a ``health_check`` whose probe it claims."""
-
-    def __init__(self, snapshot: Callable[[], Any], tracker: HealthTracker,
-                 forwarder: Forwarder, tick: float = SYNC_INTERVAL) -> None:
-        #: Returns the registry's current snapshot (services with their instances).
-        self._snapshot = snapshot
-        self._tracker = tracker
-        self._tick = tick
-        self._stop = threading.Event()
-        self._pool: ThreadPoolExecutor | None = None
-        self._thread: threading.Thread | None = None
-        self._forwarder = forwarder
-
-    def start(self) -> None:
-        self._pool = ThreadPoolExecutor(PROBE_CONCURRENCY, thread_name_prefix="health-probe")
-        self._thread = threading.Thread(target=self._run, name="health-checker", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop probing; waits for probes in flight (each is bounded by its timeout)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._tick):
-            now = time.time()
-            self._tracker.sync(now)
-            for service in self._snapshot().services.values():
-                check = service.health_check
-                if check is None:
-                    continue
-                for instance in service.instances:
-                    health = instance.health
-                    if health.probing or health.next_probe > now or self._stop.is_set():
-                        continue
-                    if not self._tracker.claim(health, now, check["interval"]):
-                        health.next_probe = now + check["interval"] / 2  # another one probes
-                        continue
-                    health.probing = True
-                    try:
-                        assert self._pool is not None
-                        self._pool.submit(self._probe, instance, health, check)
-                    except RuntimeError:  # shutting down
-                        return
-
-    def _probe(self, instance: Any, health: InstanceHealth, check: dict[str, Any]) -> None:
-        started = time.time()
-        detail: dict[str, Any] = {"time": rfc3339(started)}
-        try:
-            status = self._forwarder.probe(instance, instance.base_path + check["path"],
-                                           check["timeout"])
-            ok = 200 <= status < 400
-            detail["status"] = status
-        except GatewayError as exc:
-            ok = False
-            detail["error"] = failure_cause(exc)
-        self._tracker.probed(health, ok, detail, check, time.time())

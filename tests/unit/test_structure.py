@@ -9,13 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "gateway_app"
 #: A module longer than this mixes concerns, as a rule (STYLE.md: one module per concern).
 MAX_LINES = 450
 #: Modules allowed to be longer, each with the reason it is still one concern.
-LONGER: dict[str, str] = {
-    "health.py": "one tracker: passive counting, ejection, recovery and the active prober "
-                 "share its per-instance state and its board; the boards are in stores/",
-    "workers.py": "one state machine: a connection's phases (FrontDoorConn) and the loop "
-                  "callbacks that move it between them, read together; balancing and the "
-                  "gunicorn checks are modules of their own",
-}
+LONGER: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:

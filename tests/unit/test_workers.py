@@ -17,15 +17,10 @@ import gunicorn
 import pytest
 from gunicorn.workers.gthread import ThreadWorker
 
+from gateway_app.front_conn import CHUNKED, EARLY_BODY_BYTES, scan_body_wanted
 from gateway_app.worker_balance import AWAY_SECONDS, FREE, ConnectionBoard
 from gateway_app.worker_checks import unsupported_gunicorn, unsupported_settings
-from gateway_app.workers import (
-    CHUNKED,
-    EARLY_BODY_BYTES,
-    BalancedThreadWorker,
-    FrontDoorWorker,
-    _body_wanted,
-)
+from gateway_app.workers import BalancedThreadWorker, FrontDoorWorker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,7 +243,7 @@ def test_settings_the_worker_does_not_serve_are_refused(settings, problem):
     (b"GET / HTTP/1.1\r\nX-Content-Length: 12\r\n\r\n", 0),
 ])
 def test_the_loop_reads_the_body_a_head_announces_up_to_a_bound(head, wanted):
-    assert _body_wanted(head) == wanted
+    assert scan_body_wanted(head) == wanted
 
 
 @pytest.mark.parametrize("body, ready", [
