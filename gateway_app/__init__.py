@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 
-from . import accesslog, audit
+from . import accesslog, audit, fastpaths
 from .addresses import AddressPolicy
 from .auth import TokenVerifier, load_public_key
 from .config import (
@@ -181,8 +181,8 @@ def create_app(overrides: Mapping[str, Any] | None = None) -> Flask:
         checker=ActiveChecker(registry.snapshot, health, forwarder),
         pseudonym=VIA_PREFIX + settings.node_id,
         credentials=RegistrationCredentials(read_or_create_registration_key(settings)),
-        metrics=Metrics(registry, _version(),
-                        batched_histograms="histogram_batches" in forwarder.fast_paths),
+        metrics=Metrics(registry, _version(), batched_histograms="histogram_batches"
+                        in fastpaths.available(settings.fast_paths)),
     )
     state.checker.start()
     state.metrics.start()

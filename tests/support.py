@@ -30,25 +30,6 @@ READY_TIMEOUT = 60.0
 #: Ports that :func:`free_port` hands out: below the kernel's ephemeral range (32768 and up on
 #: Linux), so no outgoing connection and no ``bind(("127.0.0.1", 0))`` takes one of them.
 PORT_RANGE = range(20000, 32000)
-
-#: How often a test's own HTTP server looks for a shutdown request (socketserver's default,
-#: 0.5 s, made every server's teardown wait half a second: about 40 s of the suite's time).
-SHUTDOWN_POLL = 0.01
-
-
-class QuickShutdown:
-    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``,
-    and a listen backlog that a burst of connections does not overflow.
-
-    socketserver listens with a backlog of 5: a gateway's workers opening more connections
-    than that at once, while the test process is slow to accept (a loaded machine), had
-    their SYN dropped and sent again a second later (seen: 1.1 s of upstream time on a
-    request, failing the registry's one-second test under stress-ng)."""
-
-    request_queue_size = 1024
-
-    def serve_forever(self, poll_interval: float = SHUTDOWN_POLL) -> None:
-        super().serve_forever(poll_interval)  # type: ignore[misc]
 #: One byte per port, locked (fcntl, released when the process ends) by the test process that
 #: took the port: test processes running at once (pytest-xdist workers, other checkouts' runs)
 #: never hand out the same one.
@@ -86,6 +67,26 @@ def free_port() -> int:
                 continue
         return port
     raise AssertionError(f"no free port left in {PORT_RANGE}")
+
+
+#: How often a test's own HTTP server looks for a shutdown request (socketserver's default,
+#: 0.5 s, made every server's teardown wait half a second: about 40 s of the suite's time).
+SHUTDOWN_POLL = 0.01
+
+
+class QuickShutdown:
+    """Mixin for a ``socketserver`` server: ``shutdown()`` returns within ``SHUTDOWN_POLL``,
+    and a listen backlog that a burst of connections does not overflow.
+
+    socketserver listens with a backlog of 5: a gateway's workers opening more connections
+    than that at once, while the test process is slow to accept (a loaded machine), had
+    their SYN dropped and sent again a second later (seen: 1.1 s of upstream time on a
+    request, failing the registry's one-second test under stress-ng)."""
+
+    request_queue_size = 1024
+
+    def serve_forever(self, poll_interval: float = SHUTDOWN_POLL) -> None:
+        super().serve_forever(poll_interval)  # type: ignore[misc]
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
